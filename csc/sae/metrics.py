@@ -1,0 +1,198 @@
+"""Every measurement formula of csc, on tensors. Tokens are rows: x, x_hat [N, d]; codes z [N, dict].
+
+Conventions (also used by the training losses):
+- mse = mean over tokens of sum over features of (x - x_hat)^2.
+- l1  = mean over tokens of sum over latents of |z|;  l0 = mean over tokens of #(z != 0).
+- explained variance is centred: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, mean over tokens
+  per feature, so predicting the mean scores 0 and perfect reconstruction 1.
+- normalised mse = sum ||x - x_hat||^2 / sum ||x||^2 (relative to predicting zero).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from csc.errors import CscError
+
+COS_EPS = 1e-8
+
+
+def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return (x - x_hat).pow(2).sum(dim=-1).mean()
+
+
+def l1(z: torch.Tensor) -> torch.Tensor:
+    return z.abs().sum(dim=-1).mean()
+
+
+def l0(z: torch.Tensor) -> torch.Tensor:
+    return (z != 0).sum(dim=-1).float().mean()
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    residual = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(dim=0)).pow(2).sum()
+    return 1 - residual / total
+
+
+def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return (x - x_hat).pow(2).sum() / x.pow(2).sum()
+
+
+def cosine_similarity(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of cos(x_i, x_hat_i)."""
+    return F.cosine_similarity(x, x_hat, dim=-1, eps=COS_EPS).mean()
+
+
+def unit_codes(z: torch.Tensor) -> torch.Tensor:
+    """Codes scaled to unit norm; all-zero codes stay zero (cosine 0 with everything, no NaN)."""
+    return F.normalize(z, dim=-1, eps=COS_EPS)
+
+
+def dead_fraction(fire_counts: torch.Tensor) -> float:
+    """Fraction of latents that never fired, given per-latent firing counts over some tokens."""
+    return (fire_counts == 0).float().mean().item()
+
+
+def windowed_dead_fraction(tokens_since_fired: torch.Tensor, window: int) -> float:
+    """Fraction of latents silent for at least `window` consecutive tokens."""
+    return (tokens_since_fired >= window).float().mean().item()
+
+
+@dataclass(frozen=True)
+class DensityHistogram:
+    edges: torch.Tensor
+    """[bins + 1] bin edges in log10(firing density)."""
+    counts: torch.Tensor
+    """[bins] latents per bin; densities below the first edge land in the first bin."""
+    n_never_fired: int
+    """Latents with density exactly 0 (log10 is -inf, so they are counted apart)."""
+
+
+def feature_density_histogram(fire_counts: torch.Tensor, n_tokens: int, bins: int = 40,
+                              log10_min: float = -8.0) -> DensityHistogram:
+    """Histogram of log10(fires / n_tokens) over [log10_min, 0] for latents that fired at all."""
+    density = fire_counts.double() / n_tokens
+    fired = density > 0
+    logd = density[fired].log10().clamp(min=log10_min, max=0.0)
+    edges = torch.linspace(log10_min, 0.0, bins + 1, dtype=torch.float64)
+    counts = torch.histc(logd, bins=bins, min=log10_min, max=0.0).long()
+    return DensityHistogram(edges, counts, int((~fired).sum()))
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                        chunk_tokens: int = 512) -> torch.Tensor:
+    """Per-token cross entropy [N] of logits [..., V] against targets [...].
+
+    logits[i] must already be the prediction for targets[i] (the caller shifts). Chunks of
+    `chunk_tokens` rows are upcast to fp32 one at a time, so extra memory is chunk_tokens * V
+    floats, not N * V (a 262k vocabulary makes the difference).
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for s in _chunks(logits.shape[0], chunk_tokens):
+        out[s] = F.cross_entropy(logits[s].float(), targets[s], reduction="none")
+    return out
+
+
+def token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor,
+             chunk_tokens: int = 512) -> torch.Tensor:
+    """Per-token KL(clean || other) [N] in nats, chunked like token_cross_entropy."""
+    clean = clean_logits.reshape(-1, clean_logits.shape[-1])
+    other = other_logits.reshape(-1, other_logits.shape[-1])
+    out = torch.empty(clean.shape[0], dtype=torch.float32, device=clean.device)
+    for s in _chunks(clean.shape[0], chunk_tokens):
+        log_p = F.log_softmax(clean[s].float(), dim=-1)
+        log_q = F.log_softmax(other[s].float(), dim=-1)
+        out[s] = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return out
+
+
+def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> float:
+    """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 1 = SAE as good as the clean model,
+    0 = as bad as zero-ablating the layer."""
+    if ce_ablated == ce_clean:
+        raise CscError("CE loss recovered is undefined: zero-ablation CE equals the clean CE")
+    return (ce_ablated - ce_spliced) / (ce_ablated - ce_clean)
+
+
+def decoder_max_cosine(W_dec: torch.Tensor) -> float:
+    """Mean over decoder rows of the largest |cos| similarity to any OTHER row (1 = duplicates)."""
+    v = F.normalize(W_dec.float(), dim=-1, eps=COS_EPS)
+    sim = (v @ v.T).abs()
+    sim.fill_diagonal_(-1.0)
+    return sim.max(dim=-1).values.mean().item()
+
+
+def code_similarity(z_anchor: torch.Tensor, z_partner: torch.Tensor,
+                    seq_id: torch.Tensor) -> tuple[float, float]:
+    """(mean cos of each anchor's code with its partner's code,
+        mean cos over all anchor pairs (i, j) from different sequences).
+
+    A contrastive SAE should raise the first relative to the second."""
+    a = unit_codes(z_anchor.float())
+    p = unit_codes(z_partner.float())
+    positive = (a * p).sum(dim=-1).mean().item()
+    other = seq_id[:, None] != seq_id[None, :]
+    if not other.any():
+        raise CscError("code_similarity needs anchors from at least two sequences")
+    negative = (a @ a.T)[other].mean().item()
+    return positive, negative
+
+
+class StreamingStats:
+    """Exact reconstruction statistics over many batches (sums, never averages of averages).
+
+    The centred total variance is merged per feature with Chan's parallel formula in float64:
+    M2 = M2_a + M2_b + delta^2 * n_a * n_b / n, so explained variance equals the one-batch formula
+    applied to all tokens at once.
+    """
+
+    def __init__(self, d_in: int, dict_size: int):
+        self.n = 0
+        self.mean = torch.zeros(d_in, dtype=torch.float64)
+        self.m2 = torch.zeros(d_in, dtype=torch.float64)
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.sum_l0 = 0.0
+        self.sum_l1 = 0.0
+        self.fire_counts = torch.zeros(dict_size, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor) -> None:
+        x = x.detach().double().cpu()
+        x_hat = x_hat.detach().double().cpu()
+        z = z.detach().cpu()
+        nb = x.shape[0]
+        mean_b = x.mean(dim=0)
+        m2_b = (x - mean_b).pow(2).sum(dim=0)
+        n = self.n + nb
+        delta = mean_b - self.mean
+        self.m2 += m2_b + delta.pow(2) * (self.n * nb / n)
+        self.mean += delta * (nb / n)
+        self.n = n
+        self.sse += (x - x_hat).pow(2).sum().item()
+        self.sum_sq += x.pow(2).sum().item()
+        self.sum_l0 += (z != 0).sum().item()
+        self.sum_l1 += z.double().abs().sum().item()
+        self.fire_counts += (z != 0).sum(dim=0)
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise CscError("no tokens were evaluated")
+        return {
+            "tokens": float(self.n),
+            "mse": self.sse / self.n,
+            "explained_variance": 1 - self.sse / self.m2.sum().item(),
+            "normalized_mse": self.sse / self.sum_sq,
+            "l0": self.sum_l0 / self.n,
+            "l1": self.sum_l1 / self.n,
+            "dead_fraction": dead_fraction(self.fire_counts),
+        }

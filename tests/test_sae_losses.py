@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from csc.sae.losses import auxk_loss, info_nce_loss, l1_loss, mse_loss
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def codes(n, m, seed):
+    z = rand(n, m, seed=seed).relu()
+    z[:, ::4] = 0
+    return z
+
+
+def ref_info_nce(za, zp, seq, tau, m):
+    """Python loops: cosine of each pair, other-sequence negatives, optional m hardest."""
+
+    def cos(a, b):
+        na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
+        if na == 0 or nb == 0:
+            return 0.0
+        return sum(x * y for x, y in zip(a, b)) / (na * nb)
+
+    za, zp, seq = za.tolist(), zp.tolist(), seq.tolist()
+    losses = []
+    for i in range(len(za)):
+        negs = [cos(za[i], za[j]) / tau for j in range(len(za)) if seq[j] != seq[i]]
+        if not negs:
+            continue
+        if m:
+            negs = sorted(negs, reverse=True)[:m]
+        pos = cos(za[i], zp[i]) / tau
+        losses.append(math.log(sum(math.exp(v) for v in [pos] + negs)) - pos)
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+SEQ = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5])
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.07])
+@pytest.mark.parametrize("m", [0, 1, 3, 8, 50])
+def test_info_nce_matches_loop_reference(tau, m):
+    za, zp = codes(12, 10, seed=1), codes(12, 10, seed=2)
+    za[4] = 0  # an all-zero code: cosine 0, no NaN
+    got = info_nce_loss(za, zp, SEQ, tau, m)
+    assert got.item() == pytest.approx(ref_info_nce(za, zp, SEQ, tau, m), rel=1e-5)
+
+
+def test_info_nce_masks_same_sequence_codes():
+    seq = torch.tensor([0, 0, 1, 1])
+    a = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0]])
+    # Each anchor's same-sequence twin has cosine 1 but is masked: the negatives are the two
+    # orthogonal codes of the other sequence (cosine 0), so every term is log(e + 2) - 1.
+    assert info_nce_loss(a, a, seq, 1.0).item() == pytest.approx(math.log(math.e + 2) - 1, rel=1e-6)
+
+
+def test_info_nce_hard_negatives_pick_the_most_similar():
+    a = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    seq = torch.tensor([0, 1, 2, 3])
+    c01 = torch.nn.functional.cosine_similarity(a[0], a[1], dim=0).item()
+    c12 = torch.nn.functional.cosine_similarity(a[1], a[2], dim=0).item()
+    # Hardest negative of anchor 0 and 1 is each other; of anchor 2 it is anchor 1; of anchor 3
+    # all negatives have cosine 0.
+    expected = [math.log(math.e + math.exp(c01)) - 1] * 2 + [
+        math.log(math.e + math.exp(c12)) - 1, math.log(math.e + 1) - 1]
+    got = info_nce_loss(a, a, seq, 1.0, hard_negatives=1)
+    assert got.item() == pytest.approx(sum(expected) / 4, rel=1e-6)
+
+
+def test_info_nce_all_zero_codes_and_no_negatives():
+    z = torch.zeros(6, 5, requires_grad=True)
+    seq = torch.tensor([0, 1, 2, 3, 4, 5])
+    loss = info_nce_loss(z, torch.zeros(6, 5), seq, 1.0)
+    assert loss.item() == pytest.approx(math.log(6))  # all cosines 0: log(1 + 5 negatives)
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+    # Anchors without any other-sequence negative are left out of the mean.
+    seq2 = torch.tensor([0, 0, 0, 0, 0, 1])
+    za, zp = codes(6, 5, seed=5), codes(6, 5, seed=6)
+    assert info_nce_loss(za, zp, seq2, 1.0).item() == pytest.approx(
+        ref_info_nce(za, zp, seq2, 1.0, 0), rel=1e-6)
+    one_seq = info_nce_loss(za.requires_grad_(), zp, torch.zeros(6, dtype=torch.long), 1.0)
+    assert one_seq.item() == 0.0
+    one_seq.backward()
+    assert (za.grad == 0).all()
+
+
+def test_mse_and_l1_conventions():
+    x, x_hat, z = rand(5, 4, seed=7), rand(5, 4, seed=8), codes(5, 6, seed=9)
+    assert mse_loss(x, x_hat).item() == pytest.approx(((x - x_hat) ** 2).sum().item() / 5, rel=1e-6)
+    assert l1_loss(z).item() == pytest.approx(z.abs().sum().item() / 5, rel=1e-6)
+
+
+def test_auxk_matches_loop_and_trains_only_dead_latents():
+    n, d, m, k_aux = 8, 5, 7, 2
+    x, x_hat = rand(n, d, seed=10), rand(n, d, seed=11)
+    pre = rand(n, m, seed=12).requires_grad_()
+    w_dec = rand(m, d, seed=13).requires_grad_()
+    dead = torch.tensor([True, False, True, True, False, False, True])
+    loss = auxk_loss(x, x_hat, pre, w_dec, dead, k_aux)
+    e = (x - x_hat).tolist()
+    mean = [sum(e[i][j] for i in range(n)) / n for j in range(d)]
+    res, tot = 0.0, 0.0
+    for i in range(n):
+        cand = sorted(((pre[i, j].item(), j) for j in range(m) if dead[j]), reverse=True)[:k_aux]
+        e_hat = [sum(max(v, 0.0) * w_dec[j, c].item() for v, j in cand) for c in range(d)]
+        res += sum((e[i][c] - e_hat[c]) ** 2 for c in range(d))
+        tot += sum((e[i][c] - mean[c]) ** 2 for c in range(d))
+    assert loss.item() == pytest.approx(res / tot, rel=1e-5)
+    loss.backward()
+    assert (w_dec.grad[~dead] == 0).all() and (pre.grad[:, ~dead] == 0).all()
+    assert w_dec.grad[dead].abs().sum() > 0
+    none_dead = auxk_loss(x, x_hat, pre, w_dec, torch.zeros(m, dtype=torch.bool), k_aux)
+    assert none_dead.item() == 0.0
