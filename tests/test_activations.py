@@ -1,0 +1,256 @@
+"""The activation pipeline on a tiny random Gemma2: hook, partners, early stop, cache, batches."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from csc.activations.capture import attention_partners, decoder_layers, run_to_layer
+from csc.activations.corpus import documents
+from csc.activations.models import build_tiny_gemma2, load_language_model
+from csc.activations.source import Activations
+from csc.config import ActivationsRunSpec, CorpusSpec, ModelSpec, load_spec
+from csc.errors import InputError
+from tests.conftest import tiny_spec
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = build_tiny_gemma2(ModelSpec(name="tiny-gemma2"))
+    return model.eval(), tok
+
+
+def _ids(batch=3, T=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (batch, T), generator=g)
+    ids[:, 0] = 2
+    return ids
+
+
+def test_hook_captures_exactly_resid_post(tiny):
+    model, _ = tiny
+    ids = _ids()
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    n = len(decoder_layers(model))
+    for layer in range(n - 1):
+        assert torch.equal(run_to_layer(model, ids, layer).resid, out.hidden_states[layer + 1]), layer
+    # transformers applies the final norm to the last entry of hidden_states; our hook is before it.
+    last = run_to_layer(model, ids, n - 1).resid
+    assert torch.equal(model.model.norm(last), out.hidden_states[n])
+
+
+def test_forward_stops_at_hooked_layer(tiny):
+    model, _ = tiny
+    layers = decoder_layers(model)
+    calls = {i: 0 for i in range(len(layers))}
+    calls["norm"] = 0
+    handles = [layers[i].register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i in range(len(layers))]
+    handles.append(model.model.norm.register_forward_hook(lambda *_: calls.__setitem__("norm", calls["norm"] + 1)))
+    try:
+        run_to_layer(model, _ids(), 1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {0: 1, 1: 1, 2: 0, 3: 0, "norm": 0}
+
+
+def test_partners_equal_attention_argmax_never_self_or_bos(tiny):
+    model, _ = tiny
+    ids = _ids(batch=4, T=40, seed=1)
+    layer = 2
+    with torch.no_grad():
+        ref_attn = model(input_ids=ids, output_attentions=True).attentions[layer].mean(dim=1)
+    cap = run_to_layer(model, ids, layer)
+    torch.testing.assert_close(cap.attn, ref_attn.float())
+    partner = attention_partners(cap.attn)
+    for b in range(ids.shape[0]):
+        assert partner[b, 0] == -1 and partner[b, 1] == -1
+        for t in range(2, ids.shape[1]):
+            cands = list(range(1, t))
+            best = max(cands, key=lambda j: (ref_attn[b, t, j].item(), -j))
+            assert partner[b, t].item() == best, (b, t)
+            assert 1 <= partner[b, t] < t
+
+
+def test_cache_round_trips_bit_exactly_without_running_the_lm(cache):
+    spec = tiny_spec(cache)
+    first = Activations(spec)
+    made = [first.shard("train", i) for i in range(first.n_shards["train"])]
+    assert first.lm_shards_computed == first.n_shards["train"] == 2
+    second = Activations(spec)
+    for i, shard in enumerate(made):
+        again = second.shard("train", i)
+        for name in ("acts", "partner", "tokens", "seq_id"):
+            assert torch.equal(getattr(again, name), getattr(shard, name)), name
+    assert second.lm_shards_computed == 0
+    assert second._lm is None, "a fully cached split must not even load the LM"
+    assert second.scale == first.scale
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "drop_checksum"])
+def test_corrupt_shard_is_detected_and_regenerated(cache, damage, capsys):
+    spec = tiny_spec(cache)
+    original = Activations(spec).shard("train", 1)
+    path = Activations(spec).caches["train"].dir / "shard_00001.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 3]))
+    else:
+        path.with_suffix(".sha256").unlink()
+    fresh = Activations(spec)
+    regenerated = fresh.shard("train", 1)
+    assert fresh.lm_shards_computed == 1
+    assert torch.equal(regenerated.acts, original.acts)
+    assert "regenerating" in capsys.readouterr().out
+    assert Activations(spec).caches["train"].load(1) is not None  # stored again, valid
+
+
+def test_batches_mix_sequences_and_pair_partners_within_sequence(cache):
+    spec = tiny_spec(cache, "activations.train_tokens=1024")
+    acts = Activations(spec)
+    shards = {i: acts.shard("train", i) for i in range(acts.n_shards["train"])}
+    S = spec.activations.contexts_per_shard
+    n = 0
+    for batch in acts.batches("train", batch_size=64, seed=3):
+        assert batch.seq_id.unique().numel() >= 6, "one batch must span many sequences"
+        assert (batch.position >= 2).all()
+        for k in range(len(batch)):
+            sh = shards[int(batch.seq_id[k]) // S]
+            row = int(batch.seq_id[k]) % S
+            pos, par = int(batch.position[k]), int(sh.partner[row, batch.position[k]])
+            assert 1 <= par < pos
+            assert torch.equal(batch.anchors[k], sh.acts[row, pos].float() * acts.scale)
+            assert torch.equal(batch.partners[k], sh.acts[row, par].float() * acts.scale)
+        n += len(batch)
+    assert n == (4 * S * (32 - 2)) // 64 * 64
+
+
+def test_scale_gives_mean_norm_sqrt_d(cache):
+    acts = Activations(tiny_spec(cache))
+    x = acts.shard("train", 0).acts[:, 1:].float() * acts.scale
+    assert x.norm(dim=-1).mean().item() == pytest.approx(64 ** 0.5, rel=1e-4)
+    manifest = json.loads((acts.caches["train"].dir / "manifest.json").read_text())
+    assert manifest["scale"] == acts.scale
+
+
+def test_heldout_documents_are_disjoint_from_training():
+    spec = CorpusSpec(holdout_fraction=0.1)
+    train, held = list(documents(spec, "train")), list(documents(spec, "eval"))
+    assert len(held) == (len(train) + len(held)) // 10
+    assert not set(train) & set(held)
+
+
+def test_local_model_folder_and_jsonl_corpus_use_the_same_path(cache, tmp_path):
+    model, tok = build_tiny_gemma2(ModelSpec(name="tiny-gemma2"))
+    folder = tmp_path / "my-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    corpus = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"content": f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * 3}) for i in range(40)]
+    corpus.write_text("\n".join(lines) + "\n")
+    common = [f"corpus.source={corpus}", "corpus.text_field=content"]
+    by_path = Activations(tiny_spec(cache, f"model.name={folder}", *common))
+    by_name = Activations(tiny_spec(cache, *common))
+    assert by_path.caches["train"].key != by_name.caches["train"].key
+    a, b = by_path.shard("train", 0), by_name.shard("train", 0)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.acts, b.acts)
+    text = by_path.lm.tokenizer.decode(a.tokens[0, 1:])
+    assert text.startswith("Document 0: the quick brown fox")
+
+
+def test_plain_text_file_corpus(cache, tmp_path):
+    corpus = tmp_path / "book.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}. " + "It was a bright cold day in April. " * 4 for i in range(30)))
+    acts = Activations(tiny_spec(cache, f"corpus.source={corpus}"))
+    assert acts.lm.tokenizer.decode(acts.shard("train", 0).tokens[0, 1:]).startswith("Paragraph 0. It was")
+
+
+# ---------------------------------------------------------------- bad input: one clear error, nothing written
+
+def _nothing_written(cache: Path) -> bool:
+    return not (cache / "activations").exists()
+
+
+def test_layer_out_of_range(cache):
+    with pytest.raises(InputError, match=r"activations.layer 7 is out of range.*4 layers"):
+        Activations(tiny_spec(cache, "activations.layer=7"))
+    assert _nothing_written(cache)
+
+
+def test_context_longer_than_model_maximum(cache):
+    with pytest.raises(InputError, match=r"activations.context_length 1000 exceeds.*512"):
+        Activations(tiny_spec(cache, "activations.context_length=1000"))
+    assert _nothing_written(cache)
+
+
+def test_empty_corpus(cache, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    acts = Activations(tiny_spec(cache, f"corpus.source={empty}"))
+    with pytest.raises(InputError, match=r"empty.txt.*has no text"):
+        acts.build("train")
+    assert _nothing_written(cache)
+
+
+def test_corpus_too_small_for_the_token_budget(cache, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(f"Short paragraph number {i}." for i in range(40)))
+    acts = Activations(tiny_spec(cache, f"corpus.source={small}", "activations.train_tokens=100000"))
+    with pytest.raises(InputError, match=r"small.txt.*holds only \d+ contexts"):
+        acts.build("train")
+    assert _nothing_written(cache)
+
+
+def test_missing_or_unreadable_corpus_file(cache, tmp_path):
+    from csc.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"corpus.source: corpus file .*nope.txt.* does not exist"):
+        tiny_spec(cache, f"corpus.source={tmp_path / 'nope.txt'}")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"text": "fine"}\n{not json at all\n')
+    acts = Activations(tiny_spec(cache, f"corpus.source={broken}"))
+    with pytest.raises(InputError, match=r"corpus.source .*broken.jsonl.*cannot be read"):
+        acts.build("train")
+    assert _nothing_written(cache)
+
+
+def test_unknown_model_id_offline(cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match=r"model.name 'no-such-org/no-such-model'.*cannot be loaded"):
+        Activations(tiny_spec(cache, "model.name=no-such-org/no-such-model"))
+    assert _nothing_written(cache)
+
+
+def test_spec_errors_name_file_and_field(tmp_path):
+    from csc.errors import SpecError
+
+    f = tmp_path / "spec.yaml"
+    f.write_text("activations:\n  layer: -1\n  contxt_length: 64\nmodel:\n  dtype: float8\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(ActivationsRunSpec, f)
+    msg = str(e.value)
+    assert f"{f}: activations.layer: Input should be greater than or equal to 0" in msg
+    assert f"{f}: activations.contxt_length: unknown field" in msg
+    assert f"{f}: model.dtype:" in msg
+
+
+def test_cli_builds_then_reuses_cache(cache, capsys, tmp_path):
+    from csc.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"model: {{name: tiny-gemma2}}\nactivations: {{layer: 1, context_length: 32, contexts_per_shard: 8,"
+                    f" train_tokens: 512, eval_tokens: 256, cache_dir: {cache}}}\n")
+    assert main(["activations", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "normalisation scale" in out
+    assert main(["activations", str(spec)]) == 0
+    assert "all shards came from the cache" in capsys.readouterr().out
+    assert main(["activations", str(spec), "--set", "activations.layer=9"]) == 2
+    assert "activations.layer 9 is out of range" in capsys.readouterr().err
