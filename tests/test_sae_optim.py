@@ -1,6 +1,17 @@
+import pytest
 import torch
 
 from csc.sae.optim import ConstrainedAdam
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are tiny: a second intra-op thread only adds barrier waits, which cost
+    # seconds per test when the other core is busy.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_rows_stay_unit_norm_over_500_steps():

@@ -49,7 +49,7 @@ def info_nce_loss(z_anchor: torch.Tensor, z_partner: torch.Tensor, seq_id: torch
     per_anchor = torch.logsumexp(logits, dim=1) - pos
     has_neg = valid.any(dim=1)
     if not has_neg.any():
-        return pos.sum() * 0.0
+        return pos.sum() * 0.0 + 0.0  # keeps the graph; "+ 0.0" turns -0.0 into 0.0
     return per_anchor[has_neg].mean()
 
 
@@ -65,7 +65,7 @@ def auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, W_dec: to
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
-        return pre.sum() * 0.0
+        return pre.sum() * 0.0 + 0.0
     e = (x - x_hat).detach().float()
     masked = pre.float().masked_fill(~dead, NEG_INF)
     values, idx = masked.topk(min(k_aux, n_dead), dim=-1)
