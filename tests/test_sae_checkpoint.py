@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from csc.errors import CacheError
+from csc.sae.checkpoint import load_checkpoint, save_checkpoint
+from csc.sae.config import SaeConfig, TrainerConfig
+from csc.sae.synthetic import sparse_dictionary_batches
+from csc.sae.trainer import Trainer
+
+D, N_FEAT, B = 32, 48, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second intra-op thread only adds barrier waits.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CASES = {
+    "relu_balance": (SaeConfig(d_in=D, dict_size=64),
+                     dict(gamma=0.1, balance=True, balance_ema=0.5, hard_negatives=4)),
+    "topk_auxk": (SaeConfig(d_in=D, dict_size=96, architecture="topk", k=3, layer_norm=False),
+                  dict(beta=0.0, gamma=0.05, revival="auxk", auxk_k=8, dead_window_tokens=3 * B)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resume_continues_bit_for_bit(tmp_path, case):
+    sae_cfg, extra = CASES[case]
+    n = 40
+    cfg = TrainerConfig(steps=n, lr=3e-3, lr_warmup_start=1e-3, lr_warmup_steps=30,
+                        beta_warmup_steps=25, gamma_warmup_steps=25, log_every=5, device="cpu",
+                        **extra)
+    batches = list(sparse_dictionary_batches(D, N_FEAT, B, n, seed=2))
+
+    straight = Trainer(sae_cfg, cfg)
+    logs_straight = []
+    straight.train(batches, callback=logs_straight.append)
+
+    first = Trainer(sae_cfg, cfg)
+    logs_resumed = []
+    first.train(batches[: n // 2], callback=logs_resumed.append)
+    save_checkpoint(first, tmp_path / "ckpt")
+    del first
+    resumed = load_checkpoint(tmp_path / "ckpt")
+    assert resumed.batches_consumed == n // 2
+    resumed.train(batches[resumed.batches_consumed:], callback=logs_resumed.append)
+
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(resumed.model, name), getattr(straight.model, name)), name
+    assert logs_resumed == logs_straight
+    assert torch.equal(resumed.dead.tokens_since_fired, straight.dead.tokens_since_fired)
+    assert resumed.weighting.state_dict() == straight.weighting.state_dict()
+    if case == "topk_auxk":
+        assert any(m["dead_frac"] > 0 for m in logs_straight)  # the dead state mattered
+
+
+def test_checkpoint_is_safetensors_and_json_only(tmp_path):
+    t = Trainer(SaeConfig(d_in=D, dict_size=64), TrainerConfig(steps=3, device="cpu"))
+    t.train(sparse_dictionary_batches(D, N_FEAT, B, 3))
+    save_checkpoint(t, tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "trainer_state.json", "trainer_state.safetensors"]
+    meta = json.loads((tmp_path / "c" / "trainer_state.json").read_text())
+    assert meta["step"] == meta["batches_consumed"] == 3
+    back = load_checkpoint(tmp_path / "c")
+    assert back.done and back.last_metrics == t.last_metrics
+    assert back.train(iter([])) == t.last_metrics  # nothing left to do; the result stands
+
+
+def test_broken_checkpoints_are_refused(tmp_path):
+    with pytest.raises(CacheError):
+        load_checkpoint(tmp_path / "missing")
+    t = Trainer(SaeConfig(d_in=D, dict_size=64), TrainerConfig(steps=3, device="cpu"))
+    t.train(sparse_dictionary_batches(D, N_FEAT, B, 3))
+    save_checkpoint(t, tmp_path / "c")
+    state = tmp_path / "c" / "trainer_state.json"
+    meta = json.loads(state.read_text())
+    meta["optim_state_keys"]["0"].append("not_there")
+    state.write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="not_there"):
+        load_checkpoint(tmp_path / "c")
