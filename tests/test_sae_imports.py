@@ -1,0 +1,15 @@
+import subprocess
+import sys
+
+
+def test_sae_package_never_imports_ray_or_mlflow():
+    code = (
+        "import sys, pkgutil, importlib, csc.sae\n"
+        "for m in pkgutil.iter_modules(csc.sae.__path__):\n"
+        "    importlib.import_module('csc.sae.' + m.name)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('ray', 'mlflow'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
