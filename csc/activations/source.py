@@ -146,10 +146,16 @@ class Activations:
     def build(self, split: Split, progress: bool = True) -> None:
         """Make sure every shard of `split` is in the cache, running the LM only for the missing ones."""
         missing = [i for i in range(self.n_shards[split]) if self.caches[split].load(i) is None]
-        if missing:
-            self.check_corpus_covers(split)
-        for i in tqdm(missing, desc=f"{split} shards", unit="shard", disable=not progress or not missing):
-            self.shard(split, i)
+        if not missing:
+            return
+        self.check_corpus_covers(split)
+        a = self.spec.activations
+        shard_tokens = a.contexts_per_shard * a.context_length
+        with tqdm(total=len(missing) * shard_tokens, desc=f"{split} activations", unit="tok", unit_scale=True,
+                  disable=not progress) as bar:
+            for i in missing:
+                self.shard(split, i)
+                bar.update(shard_tokens)
 
     # ------------------------------------------------------------------ batches
 

