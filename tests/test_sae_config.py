@@ -34,7 +34,6 @@ def test_sae_config_rejects(kwargs, field):
     (dict(steps=5, hard_negatives=-1), "hard_negatives"),
     (dict(steps=5, max_grad_norm=0), "max_grad_norm"),
     (dict(steps=5, balance_min=2.0, balance_max=1.0), "balance_min"),
-    (dict(steps=5, lr_warmup_start=1e-3, lr=1e-4), "lr_warmup_start"),
     (dict(steps=5, autocast="fp16"), "autocast"),
     (dict(steps=5, lambda_=0.1), "lambda_"),
 ])

@@ -53,7 +53,7 @@ class TrainerConfig(BaseModel):
     """Learning rate after warm-up."""
 
     lr_warmup_start: float = Field(default=1e-4, ge=0)
-    """Learning rate at step 0; it rises linearly to `lr`."""
+    """Learning rate at step 0; it moves linearly to `lr` over the warm-up."""
 
     lr_warmup_steps: int = Field(default=1000, ge=0)
     """Steps of linear learning-rate warm-up (0: start at `lr`)."""
@@ -129,6 +129,4 @@ class TrainerConfig(BaseModel):
     def _check_ranges(self) -> "TrainerConfig":
         if self.balance_min > self.balance_max:
             raise ValueError("balance_min must not exceed balance_max")
-        if self.lr_warmup_start > self.lr:
-            raise ValueError("lr_warmup_start must not exceed lr")
         return self
