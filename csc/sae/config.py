@@ -10,8 +10,8 @@ class SaeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    d_in: int = Field(gt=0)
-    """Width of the activations the SAE reads (the LM's d_model)."""
+    d_in: int | None = Field(default=None, gt=0)
+    """Width of the activations the SAE reads. Leave unset in a spec: it is the LM's d_model."""
 
     dict_size: int = Field(gt=0)
     """Number of latents (dictionary atoms)."""

@@ -33,6 +33,8 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SaeConfig, *, seed: int = 0, device: torch.device | str = "cpu"):
         super().__init__()
+        if cfg.d_in is None:
+            raise CscError("SaeConfig.d_in is unset: set it to the d_model of the activations")
         self.cfg = cfg
         # A private generator: building a model must not move torch's global RNG.
         gen = torch.Generator(device="cpu").manual_seed(seed)

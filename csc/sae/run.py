@@ -1,0 +1,156 @@
+"""Train one SAE from a spec, end to end: activations, trainer, checkpoints, evaluation, export.
+
+A run folder holds:
+    spec.json          the resolved spec (what `csc eval` rebuilds the held-out data from)
+    metrics.jsonl      one line of training metrics per report
+    checkpoint/        resumable trainer state (safetensors + JSON), every `checkpoint_every` steps
+    sae/               the exported SAE: sae_weights.safetensors + cfg.json (SAELens layout)
+    eval.json          held-out metrics of the exported SAE
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from csc.activations.batch import ActivationBatch
+from csc.activations.source import Activations
+from csc.config import TrainRunSpec
+from csc.errors import CscError
+from csc.sae.checkpoint import load_checkpoint, save_checkpoint
+from csc.sae.evaluate import reconstruction_scores, splice_scores
+from csc.sae.export import export_saelens, load_exported
+from csc.sae.model import SparseAutoencoder
+from csc.sae.trainer import Metrics, Trainer
+
+SPEC_FILE = "spec.json"
+
+
+def training_stream(acts: Activations, batch_size: int, seed: int, start: int = 0) -> Iterator[ActivationBatch]:
+    """Endless batches: pass e over the training shards is shuffled with seed + e. Starts at batch `start`,
+    so a resumed trainer sees exactly the batches it would have seen."""
+    per_pass = acts.n_shards["train"] * acts.spec.activations.contexts_per_shard * \
+        (acts.spec.activations.context_length - 2) // batch_size
+    if per_pass == 0:
+        raise CscError(f"trainer.batch_size {batch_size} is larger than the {acts.spec.activations.train_tokens} "
+                       f"training tokens: raise activations.train_tokens or lower the batch size")
+    epoch, skip = divmod(start, per_pass)
+    for e in itertools.count(epoch):
+        passes = acts.batches("train", batch_size, seed=seed + e)
+        yield from itertools.islice(passes, skip, None)
+        skip = 0
+
+
+def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Activations | None = None,
+              callback: Callable[[Metrics], None] | None = None, progress: bool = True) -> dict[str, float]:
+    """Train, checkpoint, export and evaluate; returns the held-out metrics."""
+    acts = acts or Activations(spec)
+    sae_cfg = spec.sae.model_copy(update={"d_in": acts.d_model})
+    ckpt = out / "checkpoint"
+    if resume and (ckpt / "trainer_state.json").is_file():
+        trainer = load_checkpoint(ckpt)
+        if trainer.sae_cfg != sae_cfg or trainer.cfg != spec.trainer:
+            raise CscError(f"{ckpt}: the checkpoint was made with a different sae/trainer spec; "
+                           f"use another output folder or drop --resume")
+    else:
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise CscError(f"output folder {out} is not empty: pass --resume to continue it, or choose another")
+        trainer = Trainer(sae_cfg, spec.trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPEC_FILE).write_text(spec.model_dump_json(indent=1))
+
+    log = (out / "metrics.jsonl").open("a")
+    bar = tqdm(total=spec.trainer.steps, initial=trainer.step, desc="train", unit="step", disable=not progress)
+    t0, tokens0 = time.perf_counter(), trainer.tokens
+
+    def report(m: Metrics) -> None:
+        m = {**m, "tokens_per_s": (m["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)}
+        log.write(json.dumps(m) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{m['loss']:.3g}", ev=f"{m['ev']:.3f}", l0=f"{m['l0']:.0f}")
+        if callback is not None:
+            callback(m)
+
+    def stepped(stream: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
+        for batch in stream:
+            yield batch
+            bar.update(1)
+            if trainer.step % spec.checkpoint_every == 0:
+                save_checkpoint(trainer, ckpt)
+
+    try:
+        stream = training_stream(acts, spec.trainer.batch_size, spec.trainer.seed, start=trainer.batches_consumed)
+        if not trainer.done:
+            trainer.train(stepped(stream), callback=report)
+        save_checkpoint(trainer, ckpt)
+    finally:
+        bar.close()
+        log.close()
+    train_seconds = time.perf_counter() - t0
+    a = spec.activations
+    export_saelens(trainer.model, out / "sae", model_name=spec.model.name, hook_name=f"blocks.{a.layer}.hook_resid_post",
+                   hook_layer=a.layer, norm_scale=acts.scale, context_size=a.context_length,
+                   dataset_path=spec.corpus.source)
+    results = evaluate_run(spec, trainer.model, acts)
+    results["train_steps"] = float(trainer.step)
+    results["train_tokens"] = float(trainer.tokens)
+    if trainer.tokens > tokens0:
+        results["train_tokens_per_s"] = (trainer.tokens - tokens0) / train_seconds
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: Activations) -> dict[str, float]:
+    """Held-out reconstruction metrics over every eval token, and CE/KL over `eval.ce_contexts` contexts."""
+    sae = sae.to("cpu").eval()
+    e = spec.eval
+    results, _hist = reconstruction_scores(sae, acts.batches("eval", min(e.batch_size, _eval_anchors(acts))))
+    S = spec.activations.contexts_per_shard
+    n_ctx = min(e.ce_contexts, acts.n_shards["eval"] * S)
+    contexts = torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
+    results.update(splice_scores(acts.lm.model, sae, contexts, spec.activations.layer, acts.scale,
+                                 lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens))
+    return results
+
+
+def _eval_anchors(acts: Activations) -> int:
+    a = acts.spec.activations
+    return acts.n_shards["eval"] * a.contexts_per_shard * (a.context_length - 2)
+
+
+def evaluate_saved(run_dir: Path) -> dict[str, float]:
+    """`csc eval`: reload an exported SAE and the spec of its run, and measure it again."""
+    sae_dir = run_dir / "sae" if (run_dir / "sae").is_dir() else run_dir
+    spec_path = sae_dir.parent / SPEC_FILE
+    if not spec_path.is_file():
+        raise CscError(f"{run_dir}: no {SPEC_FILE} beside the exported SAE; give the run folder that `csc train` wrote")
+    spec = TrainRunSpec.model_validate_json(spec_path.read_text())
+    sae, meta = load_exported(sae_dir)
+    acts = Activations(spec)
+    if abs(meta["csc_norm_scale"] - acts.scale) > 1e-6 * acts.scale:
+        raise CscError(f"{sae_dir}: the SAE was trained with normalisation scale {meta['csc_norm_scale']}, "
+                       f"the activation cache now gives {acts.scale}")
+    return evaluate_run(spec, sae, acts)
+
+
+METRIC_ORDER = [
+    ("explained_variance", "explained variance (centred)"), ("mse", "MSE"), ("normalized_mse", "normalised MSE"),
+    ("cosine_similarity", "cosine(x, x_hat)"), ("l0", "L0"), ("l1", "L1"), ("dead_fraction", "dead fraction"),
+    ("ce_clean", "CE clean"), ("ce_spliced", "CE with SAE"), ("ce_ablated", "CE zero-ablated"),
+    ("ce_loss_recovered", "CE loss recovered"), ("kl_spliced", "KL(clean || SAE)"), ("kl_ablated", "KL(clean || ablated)"),
+    ("decoder_mean_max_cos", "decoder mean max |cos|"), ("code_sim_positive", "code cos, positive pairs"),
+    ("code_sim_negative", "code cos, other sequences"), ("tokens", "held-out tokens"), ("ce_tokens", "CE tokens"),
+    ("train_steps", "training steps"), ("train_tokens", "training tokens"), ("train_tokens_per_s", "training tokens/s"),
+]
+
+
+def format_metrics(results: dict[str, float]) -> str:
+    rows = [(label, results[key]) for key, label in METRIC_ORDER if key in results]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value:>12.6g}" for label, value in rows)

@@ -1,0 +1,84 @@
+"""`csc train` / `csc eval`: a whole run on the tiny model, interruption and resume, the CLI."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from csc.activations.source import Activations
+from csc.cli import main
+from csc.config import TrainRunSpec, load_spec
+from csc.errors import CscError
+from csc.sae.export import load_exported
+from csc.sae.run import train_run, training_stream
+
+TINY = ["model.name=tiny-gemma2", "activations.layer=2", "activations.context_length=32",
+        "activations.contexts_per_shard=8", "activations.train_tokens=1024", "activations.eval_tokens=512",
+        "sae.dict_size=128", "trainer.steps=40", "trainer.batch_size=64", "trainer.lr_warmup_steps=5",
+        "trainer.beta_warmup_steps=5", "trainer.gamma_warmup_steps=5", "trainer.log_every=5",
+        "eval.ce_contexts=4", "eval.batch_size=128", "checkpoint_every=10"]
+
+
+def spec(cache, *extra) -> TrainRunSpec:
+    return load_spec(TrainRunSpec, None, [*TINY, f"activations.cache_dir={cache}", *extra])
+
+
+def test_training_stream_resumes_at_any_batch_across_passes(cache):
+    acts = Activations(spec(cache))
+    full = list(itertools.islice(training_stream(acts, 64, seed=1), 30))  # 14 batches a pass: crosses 2 passes
+    resumed = list(itertools.islice(training_stream(acts, 64, seed=1, start=17), 13))
+    for a, b in zip(full[17:], resumed):
+        assert torch.equal(a.anchors, b.anchors) and torch.equal(a.seq_id, b.seq_id)
+    assert not torch.equal(full[0].anchors, full[14].anchors), "each pass is shuffled anew"
+
+
+def test_run_exports_and_eval_reproduces_metrics(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    results = train_run(spec(cache), out, progress=False)
+    assert results["train_steps"] == 40 and results["tokens"] > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in results.values())
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [5.0 * i for i in range(1, 9)]
+    sae, meta = load_exported(out / "sae")
+    assert meta["hook_name"] == "blocks.2.hook_resid_post" and meta["csc_norm_scale"] == Activations(spec(cache)).scale
+    assert main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{results['explained_variance']:.6g}" in printed and f"{results['ce_spliced']:.6g}" in printed
+
+
+def test_interrupted_run_resumes_bit_for_bit(cache, tmp_path):
+    whole = tmp_path / "whole"
+    train_run(spec(cache), whole, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_25(m):
+        if m["step"] == 25:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train_run(spec(cache), cut, callback=stop_at_25, progress=False)
+    assert not (cut / "sae").exists()
+    with pytest.raises(CscError, match="not empty: pass --resume"):
+        train_run(spec(cache), cut, progress=False)
+    with pytest.raises(CscError, match="different sae/trainer spec"):
+        train_run(spec(cache, "trainer.gamma=0.5"), cut, resume=True, progress=False)
+    train_run(spec(cache), cut, resume=True, progress=False)
+    a, _ = load_exported(whole / "sae")
+    b, _ = load_exported(cut / "sae")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_cli_train_prints_the_table_and_eval_needs_a_run_folder(cache, tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path / "r")] + [f"--set={s}" for s in [*TINY, f"activations.cache_dir={cache}"]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "explained variance (centred)" in out and "CE loss recovered" in out and "SAE exported to" in out
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no spec.json" in capsys.readouterr().err
+    assert main(["train", "--set=trainer.steps=0", f"--set=activations.cache_dir={cache}"]) == 2
+    assert "trainer.steps: Input should be greater than 0" in capsys.readouterr().err
