@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from csc.config import ActivationsRunSpec, load_spec
 
@@ -26,3 +27,13 @@ def cache(tmp_path: Path) -> Path:
 def embedded_cache(tmp_path_factory) -> Path:
     """One cache folder per test session, so the embedded model is converted from GGUF only once."""
     return tmp_path_factory.mktemp("embedded-cache")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: a second intra-op thread only adds barrier waits, which cost
+    seconds per test when the other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

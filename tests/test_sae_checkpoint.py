@@ -12,13 +12,7 @@ from csc.sae.trainer import Trainer
 D, N_FEAT, B = 32, 48, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds barrier waits.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CASES = {

@@ -4,14 +4,7 @@ import torch
 from csc.sae.optim import ConstrainedAdam
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: a second intra-op thread only adds barrier waits, which cost
-    # seconds per test when the other core is busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_rows_stay_unit_norm_over_500_steps():

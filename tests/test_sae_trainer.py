@@ -15,14 +15,7 @@ from csc.sae.synthetic import sparse_dictionary_batches
 from csc.sae.trainer import Trainer, lr_at
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: a second intra-op thread only adds barrier waits, which cost
-    # seconds per test when the other core is busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 D, N_FEAT, DICT, B = 32, 48, 64, 128

@@ -40,6 +40,8 @@ def test_run_exports_and_eval_reproduces_metrics(cache, tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(v)) for v in results.values())
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [5.0 * i for i in range(1, 9)]
+    for png in ("curves.png", "density.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sae, meta = load_exported(out / "sae")
     assert meta["hook_name"] == "blocks.2.hook_resid_post" and meta["csc_norm_scale"] == Activations(spec(cache)).scale
     assert main(["eval", str(out)]) == 0

@@ -6,6 +6,7 @@ A run folder holds:
     checkpoint/        resumable trainer state (safetensors + JSON), every `checkpoint_every` steps
     sae/               the exported SAE: sae_weights.safetensors + cfg.json (SAELens layout)
     eval.json          held-out metrics of the exported SAE
+    curves.png         training curves; density.png: feature-density histogram on held-out tokens
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from csc import plots
 from csc.activations.batch import ActivationBatch
 from csc.activations.source import Activations
 from csc.config import TrainRunSpec
@@ -26,6 +28,7 @@ from csc.errors import CscError
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.evaluate import reconstruction_scores, splice_scores
 from csc.sae.export import export_saelens, load_exported
+from csc.sae.metrics import DensityHistogram
 from csc.sae.model import SparseAutoencoder
 from csc.sae.trainer import Metrics, Trainer
 
@@ -97,7 +100,10 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
     export_saelens(trainer.model, out / "sae", model_name=spec.model.name, hook_name=f"blocks.{a.layer}.hook_resid_post",
                    hook_layer=a.layer, norm_scale=acts.scale, context_size=a.context_length,
                    dataset_path=spec.corpus.source)
-    results = evaluate_run(spec, trainer.model, acts)
+    results, hist = evaluate_run(spec, trainer.model, acts)
+    plots.training_curves([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
+                          out / "curves.png", title=f"{spec.model.name} layer {a.layer}, gamma {spec.trainer.gamma}")
+    plots.density_histogram(hist, out / "density.png", title=f"dictionary {trainer.sae_cfg.dict_size}")
     results["train_steps"] = float(trainer.step)
     results["train_tokens"] = float(trainer.tokens)
     if trainer.tokens > tokens0:
@@ -106,17 +112,18 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
     return results
 
 
-def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: Activations) -> dict[str, float]:
+def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder,
+                 acts: Activations) -> tuple[dict[str, float], DensityHistogram]:
     """Held-out reconstruction metrics over every eval token, and CE/KL over `eval.ce_contexts` contexts."""
     sae = sae.to("cpu").eval()
     e = spec.eval
-    results, _hist = reconstruction_scores(sae, acts.batches("eval", min(e.batch_size, _eval_anchors(acts))))
+    results, hist = reconstruction_scores(sae, acts.batches("eval", min(e.batch_size, _eval_anchors(acts))))
     S = spec.activations.contexts_per_shard
     n_ctx = min(e.ce_contexts, acts.n_shards["eval"] * S)
     contexts = torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
     results.update(splice_scores(acts.lm.model, sae, contexts, spec.activations.layer, acts.scale,
                                  lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens))
-    return results
+    return results, hist
 
 
 def _eval_anchors(acts: Activations) -> int:
@@ -136,7 +143,7 @@ def evaluate_saved(run_dir: Path) -> dict[str, float]:
     if abs(meta["csc_norm_scale"] - acts.scale) > 1e-6 * acts.scale:
         raise CscError(f"{sae_dir}: the SAE was trained with normalisation scale {meta['csc_norm_scale']}, "
                        f"the activation cache now gives {acts.scale}")
-    return evaluate_run(spec, sae, acts)
+    return evaluate_run(spec, sae, acts)[0]
 
 
 METRIC_ORDER = [
