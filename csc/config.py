@@ -179,7 +179,7 @@ def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None
 
 class EvalSpec(Spec):
     batch_size: int = Field(1024, ge=1)
-    """Held-out anchors per batch for the reconstruction metrics (all held-out tokens are used)."""
+    """Held-out anchors per batch for the reconstruction metrics (every full batch of the held-out split is used)."""
     ce_contexts: int = Field(16, ge=1)
     """Held-out contexts over which CE/KL with the SAE spliced in are measured (3 full LM passes each)."""
     lm_batch_size: int = Field(8, ge=1)

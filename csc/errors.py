@@ -1,6 +1,11 @@
 """Errors that csc reports to the user as one clear line (the CLI prints them without a traceback)."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message: enough to name the cause inside one of our errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class CscError(Exception):
     """Base class: a problem the user can fix, described in the message."""
 

@@ -25,9 +25,14 @@ class _StopForward(Exception):
     pass
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (running it skips the unembedding)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a causal LM (Gemma/Llama/Mistral/Qwen style, or GPT-2 style)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    base = base_model(model)
     for name in ("layers", "h"):
         layers = getattr(base, name, None)
         if isinstance(layers, nn.ModuleList):
@@ -69,8 +74,7 @@ def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captu
     handles = [_attention_module(layers[layer]).register_forward_hook(on_attn),
                layers[layer].register_forward_hook(on_layer)]
     try:
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model
-        base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        base_model(model)(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
     except _StopForward:
         pass
     finally:

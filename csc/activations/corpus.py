@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from csc.config import EMBEDDED, CorpusSpec
-from csc.errors import InputError
+from csc.errors import InputError, first_line
 
 Split = Literal["train", "eval"]
 
@@ -64,8 +64,7 @@ def _dataset(spec: CorpusSpec):
         return datasets.load_dataset(spec.source, spec.config_name, split=spec.split, streaming=True)
     except Exception as e:  # datasets raises many types; the user needs the source named, not a deep traceback
         what = "file" if p.exists() else "Hugging Face dataset"
-        raise InputError(f"corpus.source {spec.source!r} ({what}) cannot be read: "
-                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        raise InputError(f"corpus.source {spec.source!r} ({what}) cannot be read: {first_line(e)}") from None
 
 
 def documents(spec: CorpusSpec, split: Split) -> Iterator[str]:

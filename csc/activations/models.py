@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from csc.config import EMBEDDED, TINY_GEMMA2, ModelSpec
-from csc.errors import InputError
+from csc.errors import InputError, first_line
 
 EMBEDDED_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # Facts of that pinned file (checked against the loaded config by the tests), so that a spec can be
@@ -92,12 +92,8 @@ def check_model_spec(spec: ModelSpec) -> ModelFacts:
         raise InputError(
             f"model.name {spec.name!r} ({where}) cannot be loaded: not in the local Hugging Face cache and "
             f"the Hub is unreachable or has no such model. Download it once with network access "
-            f"(huggingface-cli download {spec.name}) or point model.name at a local folder. ({_first_line(e)})"
+            f"(huggingface-cli download {spec.name}) or point model.name at a local folder. ({first_line(e)})"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def model_identity(spec: ModelSpec) -> str:
@@ -142,7 +138,7 @@ def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None):
         tok = AutoTokenizer.from_pretrained(name, **kw)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **kw)
     except (OSError, ValueError) as e:
-        raise InputError(f"model.name {name!r} cannot be loaded: {_first_line(e)}") from None
+        raise InputError(f"model.name {name!r} cannot be loaded: {first_line(e)}") from None
     return model, tok
 
 
@@ -206,7 +202,7 @@ def tiny_gemma2_config(spec: ModelSpec):
     from transformers import Gemma2Config
 
     return Gemma2Config(
-        vocab_size=len(_BYTE_VOCAB) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=spec.tiny_layers,
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=spec.tiny_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=256,
         pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager",
     )
@@ -221,15 +217,7 @@ def build_tiny_gemma2(spec: ModelSpec):
     return model, byte_tokenizer()
 
 
-_BYTE_VOCAB: list[str] = []
-
-
-def _byte_alphabet() -> list[str]:
-    if not _BYTE_VOCAB:
-        from tokenizers import pre_tokenizers
-
-        _BYTE_VOCAB.extend(sorted(pre_tokenizers.ByteLevel.alphabet()))
-    return _BYTE_VOCAB
+BYTE_VOCAB_SIZE = 4 + 256
 
 
 def byte_tokenizer():
@@ -238,13 +226,10 @@ def byte_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for ch in _byte_alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
                                    bos_token="<bos>", unk_token="<unk>")
-
-
-_byte_alphabet()

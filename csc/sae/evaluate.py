@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from csc.activations.batch import ActivationBatch
-from csc.activations.capture import decoder_layers
+from csc.activations.capture import base_model, decoder_layers
 from csc.sae import metrics
 from csc.sae.model import SparseAutoencoder
 
@@ -36,8 +36,7 @@ def _final_hidden(model: nn.Module, ids: torch.Tensor, layer: int,
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook) if replace is not None else None
     try:
-        base = model.get_decoder()
-        return base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+        return base_model(model)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
     finally:
         if handle is not None:
             handle.remove()

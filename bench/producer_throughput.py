@@ -1,0 +1,105 @@
+"""Producer throughput: csc's activation pipeline vs bare LM forwards, side by side in one run.
+
+    python bench/producer_throughput.py                 # embedded Gemma 3 270M, layer 12, on this machine's device
+    python bench/producer_throughput.py --model gemma2-2b-shape --layer 19   # random Gemma-2-2B-shaped, bf16 (GPU)
+
+Rows (tokens/s, higher is better; the ratio column is relative to the full forward):
+  csc pipeline   run_to_layer (eager attention, stops after layer L) + attention partners + copy to host
+  to layer L     the model's own forward with the layers above L removed, no hooks (eager, then sdpa)
+  full forward   the whole model with logits (eager, then sdpa)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from csc.activations.capture import attention_partners, decoder_layers, run_to_layer
+from csc.activations.models import load_language_model, resolve_device
+from csc.config import ModelSpec, default_cache_dir
+
+
+def gemma2_2b_shaped(device: torch.device):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                       attn_implementation="eager")
+    torch.manual_seed(0)
+    with device:
+        return Gemma2ForCausalLM(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded", help="embedded | tiny-gemma2 | gemma2-2b-shape | a HF id/folder")
+    p.add_argument("--layer", type=int, default=12)
+    p.add_argument("--batch", type=int, default=16, help="contexts per forward")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    if args.model == "gemma2-2b-shape":
+        model = gemma2_2b_shaped(device)
+    else:
+        model = load_language_model(ModelSpec(name=args.model, device=args.device), Path(default_cache_dir())).model
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(4, vocab, (args.batch, args.context), device=device, generator=None)
+    ids[:, 0] = 2
+    L = args.layer
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bench(fn) -> float:
+        fn()  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            fn()
+        sync()
+        return ids.numel() * args.iters / (time.perf_counter() - t)
+
+    def pipeline():
+        cap = run_to_layer(model, ids, L)
+        return cap.resid.to("cpu", torch.float32), attention_partners(cap.attn).cpu()
+
+    @torch.inference_mode()
+    def to_layer():
+        layers = decoder_layers(model)
+        model.model.layers = layers[: L + 1]
+        try:
+            return model.model(input_ids=ids, use_cache=False).last_hidden_state
+        finally:
+            model.model.layers = layers
+
+    @torch.inference_mode()
+    def full():
+        return model(input_ids=ids, use_cache=False).logits
+
+    def set_attention(impl: str):
+        model.config._attn_implementation = impl
+        for layer in decoder_layers(model):
+            layer.self_attn.config._attn_implementation = impl
+
+    rows = [("csc pipeline (eager, stop after L, partners, to host)", bench(pipeline)),
+            ("to layer L, eager", bench(to_layer)), ("full forward, eager", bench(full))]
+    set_attention("sdpa")
+    rows += [("to layer L, sdpa", bench(to_layer)), ("full forward, sdpa", bench(full))]
+    set_attention("eager")
+    ref = rows[2][1]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    print(f"model {args.model}, layer {L}, batch {args.batch}x{args.context}, {next(model.parameters()).dtype}, {name}")
+    print(f"{'':<54} {'tokens/s':>10} {'vs full eager':>14}")
+    for label, v in rows:
+        print(f"{label:<54} {v:>10,.0f} {v / ref:>13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
