@@ -69,6 +69,8 @@ def test_interrupted_run_resumes_bit_for_bit(cache, tmp_path):
     with pytest.raises(CscError, match="different sae/trainer spec"):
         train_run(spec(cache, "trainer.gamma=0.5"), cut, resume=True, progress=False)
     train_run(spec(cache), cut, resume=True, progress=False)
+    steps = [[json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, cut)]
+    assert steps[0] == steps[1], "reports of the interrupted steps 21-25 must not appear twice"
     a, _ = load_exported(whole / "sae")
     b, _ = load_exported(cut / "sae")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

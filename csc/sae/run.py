@@ -68,7 +68,11 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
     out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE).write_text(spec.model_dump_json(indent=1))
 
-    log = (out / "metrics.jsonl").open("a")
+    log_path = out / "metrics.jsonl"
+    if log_path.exists():  # resumed: drop reports of steps after the checkpoint, they are trained again
+        kept = [x for x in log_path.read_text().splitlines() if json.loads(x)["step"] <= trainer.step]
+        log_path.write_text("".join(x + "\n" for x in kept))
+    log = log_path.open("a")
     bar = tqdm(total=spec.trainer.steps, initial=trainer.step, desc="train", unit="step", disable=not progress)
     t0, tokens0 = time.perf_counter(), trainer.tokens
 
