@@ -88,7 +88,7 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
         for batch in stream:
             yield batch
             bar.update(1)
-            if trainer.step % spec.checkpoint_every == 0:
+            if trainer.step % spec.checkpoint_every == 0 and not trainer.done:  # the last one is saved below
                 save_checkpoint(trainer, ckpt)
 
     try:
