@@ -169,11 +169,12 @@ def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
-            lines.append(f"{origin}: {loc}: {msg}")
+            # Whole-spec checks put the field they are about at the start of their message.
+            lines.append(f"{origin}: {loc}: {msg}" if loc else f"{origin}: {msg}")
         raise SpecError("\n".join(lines)) from None
 
 

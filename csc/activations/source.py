@@ -1,6 +1,6 @@
 """Activation shards of one spec, from the disk cache or from the LM, and SAE training batches from them.
 
-`Activations` is what a trainer, the CLI and (later) the sweep's producer actor use:
+`Activations` is what a trainer, the CLI and the sweep's producer actor use:
 - `shard(split, i)` returns shard i: from the cache when it is there and passes its checksum,
   otherwise from the LM (loaded on first need), then stored.
 - `scale` is the normalisation factor sqrt(d_model) / mean ||x|| estimated on train shard 0 (BOS
@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -161,24 +161,41 @@ class Activations:
 
     def batches(self, split: Split, batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
                 n_shards: int | None = None) -> Iterator[ActivationBatch]:
-        """One pass over the split's shards in order, tokens shuffled within each shard (seeded).
+        return shard_batches(self, split, batch_size, seed, device, n_shards)
 
-        Anchors are the tokens with a partner (positions >= 2). Tokens left over at the end of a shard
-        start the next batch; the remainder after the last shard is dropped, so every batch is full.
-        """
-        scale = self.scale
-        gen = torch.Generator().manual_seed(seed)
-        carry: list[torch.Tensor] | None = None
-        for i in range(self.n_shards[split] if n_shards is None else n_shards):
-            sh = self.shard(split, i)
-            ctx, pos = (sh.partner >= 0).nonzero(as_tuple=True)
-            perm = torch.randperm(ctx.numel(), generator=gen)
-            ctx, pos = ctx[perm], pos[perm]
-            parts = [sh.acts[ctx, pos].float() * scale, sh.acts[ctx, sh.partner[ctx, pos]].float() * scale,
-                     sh.seq_id[ctx], pos]
-            if carry is not None:
-                parts = [torch.cat([c, p]) for c, p in zip(carry, parts)]
-            n_full = parts[0].shape[0] // batch_size * batch_size
-            for s in range(0, n_full, batch_size):
-                yield ActivationBatch(*(p[s:s + batch_size] for p in parts)).to(device)
-            carry = [p[n_full:] for p in parts]
+
+class ShardSource(Protocol):
+    """What batches are made from: `Activations` here, or the sweep's client of the producer actor."""
+
+    spec: ActivationsRunSpec
+    n_shards: dict[Split, int]
+
+    @property
+    def scale(self) -> float: ...
+
+    def shard(self, split: Split, i: int) -> Shard: ...
+
+
+def shard_batches(source: ShardSource, split: Split, batch_size: int, seed: int = 0,
+                  device: str | torch.device = "cpu", n_shards: int | None = None) -> Iterator[ActivationBatch]:
+    """One pass over the split's shards in order, tokens shuffled within each shard (seeded).
+
+    Anchors are the tokens with a partner (positions >= 2). Tokens left over at the end of a shard
+    start the next batch; the remainder after the last shard is dropped, so every batch is full.
+    """
+    scale = source.scale
+    gen = torch.Generator().manual_seed(seed)
+    carry: list[torch.Tensor] | None = None
+    for i in range(source.n_shards[split] if n_shards is None else n_shards):
+        sh = source.shard(split, i)
+        ctx, pos = (sh.partner >= 0).nonzero(as_tuple=True)
+        perm = torch.randperm(ctx.numel(), generator=gen)
+        ctx, pos = ctx[perm], pos[perm]
+        parts = [sh.acts[ctx, pos].float() * scale, sh.acts[ctx, sh.partner[ctx, pos]].float() * scale,
+                 sh.seq_id[ctx], pos]
+        if carry is not None:
+            parts = [torch.cat([c, p]) for c, p in zip(carry, parts)]
+        n_full = parts[0].shape[0] // batch_size * batch_size
+        for s in range(0, n_full, batch_size):
+            yield ActivationBatch(*(p[s:s + batch_size] for p in parts)).to(device)
+        carry = [p[n_full:] for p in parts]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from csc import plots
 from csc.activations.batch import ActivationBatch
-from csc.activations.source import Activations
+from csc.activations.source import Activations, ShardSource, shard_batches
 from csc.config import TrainRunSpec
 from csc.errors import CscError
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
@@ -35,7 +35,7 @@ from csc.sae.trainer import Metrics, Trainer
 SPEC_FILE = "spec.json"
 
 
-def training_stream(acts: Activations, batch_size: int, seed: int, start: int = 0) -> Iterator[ActivationBatch]:
+def training_stream(acts: ShardSource, batch_size: int, seed: int, start: int = 0) -> Iterator[ActivationBatch]:
     """Endless batches: pass e over the training shards is shuffled with seed + e. Starts at batch `start`,
     so a resumed trainer sees exactly the batches it would have seen."""
     per_pass = acts.n_shards["train"] * acts.spec.activations.contexts_per_shard * \
@@ -45,7 +45,7 @@ def training_stream(acts: Activations, batch_size: int, seed: int, start: int = 
                        f"training tokens: raise activations.train_tokens or lower the batch size")
     epoch, skip = divmod(start, per_pass)
     for e in itertools.count(epoch):
-        passes = acts.batches("train", batch_size, seed=seed + e)
+        passes = shard_batches(acts, "train", batch_size, seed=seed + e)
         yield from itertools.islice(passes, skip, None)
         skip = 0
 
@@ -116,21 +116,29 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
     return results
 
 
-def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder,
-                 acts: Activations) -> tuple[dict[str, float], DensityHistogram]:
-    """Held-out reconstruction metrics over every eval token, and CE/KL over `eval.ce_contexts` contexts."""
+def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
+                 splice: Callable[[SparseAutoencoder], dict[str, float]] | None = None
+                 ) -> tuple[dict[str, float], DensityHistogram]:
+    """Held-out reconstruction metrics over every eval token, and CE/KL over `eval.ce_contexts` contexts.
+
+    `splice` measures CE/KL where the LM lives (the sweep's producer actor); by default `acts` holds it."""
     sae = sae.to("cpu").eval()
-    e = spec.eval
-    results, hist = reconstruction_scores(sae, acts.batches("eval", min(e.batch_size, _eval_anchors(acts))))
-    S = spec.activations.contexts_per_shard
-    n_ctx = min(e.ce_contexts, acts.n_shards["eval"] * S)
-    contexts = torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
-    results.update(splice_scores(acts.lm.model, sae, contexts, spec.activations.layer, acts.scale,
-                                 lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens))
+    results, hist = reconstruction_scores(sae, shard_batches(acts, "eval", min(spec.eval.batch_size, _eval_anchors(acts))))
+    results.update(splice(sae) if splice is not None else splice_run(spec, sae, acts))
     return results, hist
 
 
-def _eval_anchors(acts: Activations) -> int:
+def splice_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: Activations) -> dict[str, float]:
+    """CE/KL with `sae` spliced into the LM, over the first `eval.ce_contexts` held-out contexts."""
+    e = spec.eval
+    S = spec.activations.contexts_per_shard
+    n_ctx = min(e.ce_contexts, acts.n_shards["eval"] * S)
+    contexts = torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
+    return splice_scores(acts.lm.model, sae, contexts, spec.activations.layer, acts.scale,
+                         lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens)
+
+
+def _eval_anchors(acts: ShardSource) -> int:
     a = acts.spec.activations
     return acts.n_shards["eval"] * a.contexts_per_shard * (a.context_length - 2)
 

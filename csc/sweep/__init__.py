@@ -1,0 +1,1 @@
+"""The sweep service: shared producer actor, Ray Tune trials, MLflow tracking, reports."""

@@ -1,0 +1,222 @@
+"""Sweep summaries from plain trial rows: CSV table, Pareto and progression figures, best trials.
+
+Pure stdlib + matplotlib (never imports Ray or MLflow), so reports can be redrawn from saved rows anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+
+METRICS = ["ev", "l0", "mse", "loss", "nce", "eval/explained_variance", "eval/l0", "eval/ce_loss_recovered",
+           "eval/kl_spliced"]
+EVAL_SHOWN = ["eval/explained_variance", "eval/ce_loss_recovered"]
+OUTCOMES = {"finished": "tab:green", "stopped_early": "tab:orange", "failed": "tab:red", "running": "tab:blue"}
+GAMMA = "trainer.gamma"
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> float | None:
+    """v as a finite float; None when missing, non-numeric or not finite."""
+    return float(v) if _is_num(v) and math.isfinite(v) else None
+
+
+def _raw(row: dict, key: str) -> Any:
+    """A trial's value by name: its last reported metrics first, then the row itself (steps_done, dict_size)."""
+    m = row.get("metrics") or {}
+    return m[key] if key in m else row.get(key)
+
+
+def _params(rows: list[dict]) -> list[str]:
+    return sorted({k for r in rows for k in (r.get("params") or {})})
+
+
+def _short(name: str) -> str:
+    """'trial_00003' -> '3', so annotations stay small; other names are kept whole."""
+    m = re.search(r"(\d+)$", name)
+    return str(int(m.group(1))) if m else name
+
+
+def _spans_decade(values: list[float]) -> bool:
+    return bool(values) and min(values) > 0 and max(values) > 10 * min(values)
+
+
+def write_trials_table(rows: list[dict], path_csv: str | Path) -> None:
+    """One CSV row per trial: name, outcome, steps, searched params (sorted union), last metrics, failure reason."""
+    params = _params(rows)
+    with open(path_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "outcome", "steps_done", "steps_total", *params, *METRICS, "reason"])
+        for r in rows:
+            p, m = r.get("params") or {}, r.get("metrics") or {}
+            w.writerow([r.get("trial"), r.get("outcome"), r.get("steps_done"), r.get("steps_total"),
+                        *(p.get(k) for k in params), *(m.get(k) for k in METRICS), r.get("reason")])
+
+
+def pareto_front(points: list[tuple[float, float]], minimize_x: bool = True, maximize_y: bool = True) -> list[int]:
+    """Indices of the non-dominated (x, y) points, best x first; j dominates i when j is no worse on both and
+    strictly better on one, so exact duplicates stay on the front together; points with a NaN never are."""
+    sx, sy = (1 if minimize_x else -1), (-1 if maximize_y else 1)  # both axes to "lower is better"
+    pts = sorted((sx * x, sy * y, i) for i, (x, y) in enumerate(points) if not (math.isnan(x) or math.isnan(y)))
+    front, best = [], math.inf  # best: lowest y among points with strictly better x
+    for _, group in itertools.groupby(pts, key=lambda p: p[0]):
+        group = list(group)
+        lowest = group[0][1]  # sorted by y within equal x
+        front += [i for _, y, i in group if y == lowest and y < best]
+        best = min(best, lowest)
+    return front
+
+
+def _gamma_scale(rows: list[dict]) -> plt.cm.ScalarMappable | None:
+    """One colour scale over these trials' gamma (log when all positive and spanning >10x); None when not searched."""
+    g = [v for r in rows if (v := _num((r.get("params") or {}).get(GAMMA))) is not None]
+    if not g:
+        return None
+    return plt.cm.ScalarMappable((LogNorm if _spans_decade(g) else Normalize)(min(g), max(g)), "viridis")
+
+
+def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
+    """(a) L0 vs explained variance, (b) L0 vs CE loss recovered; front of the finished trials (low L0, high y)."""
+
+    def colour(r: dict, default: str) -> Any:
+        g = _num((r.get("params") or {}).get(GAMMA))
+        return default if sm is None else "0.5" if g is None else sm.to_rgba(g)
+
+    def xy(outcome: str, xkey: str, ykey: str) -> list[tuple[float, float, dict]]:
+        pts = [(_num(_raw(r, xkey)), _num(_raw(r, ykey)), r) for r in rows if r.get("outcome") == outcome]
+        return [p for p in pts if p[0] is not None and p[1] is not None]
+
+    # Held-out figures for finished trials; stopped-early trials only have their last training-batch averages,
+    # so they are drawn apart and kept out of the front.
+    panels = [("(a) explained variance", xy("finished", "eval/l0", "eval/explained_variance"),
+               xy("stopped_early", "l0", "ev")),
+              ("(b) CE loss recovered", xy("finished", "eval/l0", "eval/ce_loss_recovered"), [])]
+    # Scaled on the trials drawn, so a failed trial's extreme gamma does not squeeze the colours.
+    sm = _gamma_scale([p[2] for _, fin, early in panels for p in fin + early])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    for ax, (label, fin, early) in zip(axes, panels):
+        handles = []
+        if fin:
+            ax.scatter([p[0] for p in fin], [p[1] for p in fin], c=[colour(p[2], "tab:green") for p in fin],
+                       edgecolors="k", linewidths=0.5, s=45, zorder=3)
+            front = [fin[i] for i in pareto_front([(x, y) for x, y, _ in fin])]
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, zorder=2)
+            handles += [Line2D([], [], ls="", marker="o", mfc=colour({}, "tab:green"), mec="k",
+                               label="finished (held-out eval)"),
+                        Line2D([], [], color="k", lw=1, label="Pareto front (finished)")]
+        else:
+            ax.text(0.5, 0.95, "no finished trial", transform=ax.transAxes, ha="center", va="top", color="0.4")
+        if early:
+            ax.scatter([p[0] for p in early], [p[1] for p in early], marker="s", s=45, linewidths=1.3, zorder=3,
+                       facecolors="none", edgecolors=[colour(p[2], "tab:orange") for p in early])
+            handles.append(Line2D([], [], ls="", marker="s", mfc="none", mec=colour({}, "tab:orange"),
+                                  label="stopped early (training batch figures)"))
+        for x, y, r in fin + early:
+            ax.annotate(_short(str(r.get("trial", ""))), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+        if _spans_decade([p[0] for p in fin + early]):
+            ax.set_xscale("log")
+        ax.set(xlabel="L0 (active latents per token)", ylabel=label[4:], title=f"{label} vs L0")
+        ax.grid(alpha=0.3)
+        if handles:
+            ax.legend(handles=handles, fontsize=8, loc="lower right")
+    if sm is not None:
+        fig.colorbar(sm, ax=axes, label="trainer.gamma", shrink=0.9)
+    fig.savefig(path_png, dpi=90)
+    plt.close(fig)
+
+
+def progression_plot(rows: list[dict], path_png: str | Path) -> None:
+    """One column per trial (row order): steps done vs total by outcome, final loss, MSE, dict size, each param."""
+    params = [p for p in _params(rows) if p != "sae.dict_size"]  # the dictionary-size panel already shows it
+    panels = [("loss", "final loss"), ("mse", "final MSE"), ("dict_size", "dict size"), *((p, p) for p in params)]
+    xs, colours = list(range(len(rows))), [OUTCOMES.get(r.get("outcome"), "0.5") for r in rows]
+    fig, axes = plt.subplots(len(panels) + 1, 1, sharex=True, squeeze=False, layout="constrained",
+                             figsize=(max(8.0, 0.45 * len(rows) + 4), 1.4 * len(panels) + 3.2))
+    axes = axes[:, 0]
+    ax = axes[0]
+    ax.bar(xs, [r.get("steps_done") or 0 for r in rows], width=0.7, color=colours)
+    ax.bar(xs, [r.get("steps_total") or 0 for r in rows], width=0.7, fill=False, ls="--", lw=0.8, edgecolor="k")
+    # A failure at step 0 has no bar; the cross still shows where it stopped.
+    fails = [(x, r.get("steps_done") or 0) for x, r in zip(xs, rows) if r.get("outcome") == "failed"]
+    ax.scatter([f[0] for f in fails], [f[1] for f in fails], marker="x", color=OUTCOMES["failed"], zorder=3)
+    handles = [Patch(color=c, label=o.replace("_", " ")) for o, c in OUTCOMES.items()
+               if any(r.get("outcome") == o for r in rows)]
+    ax.legend(handles=[*handles, Patch(fill=False, ls="--", edgecolor="k", label="steps total")], fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside, so no bar is hidden
+    ax.set_ylabel("steps")
+    for ax, (key, label) in zip(axes[1:], panels):
+        vals = [_raw(r, key) if key in ("loss", "mse", "dict_size") else (r.get("params") or {}).get(key) for r in rows]
+        present = [v for v in vals if v is not None]
+        if all(_is_num(v) for v in present):
+            ys = [_num(v) if _num(v) is not None else math.nan for v in vals]  # missing: a gap in the line
+            if _spans_decade([y for y in ys if not math.isnan(y)]):
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels crowd these short panels
+        else:  # categorical param: one tick per distinct value
+            cats = sorted({str(v) for v in present})
+            ys = [math.nan if v is None else cats.index(str(v)) for v in vals]
+            ax.set_yticks(range(len(cats)), cats)
+        if all(math.isnan(y) for y in ys):
+            ax.text(0.5, 0.5, "no value", transform=ax.transAxes, ha="center", va="center", color="0.4")
+            ax.set_yticks([])
+        ax.plot(xs, ys, "-", color="0.75", lw=0.8, zorder=1)
+        ax.scatter(xs, ys, c=colours, s=25, zorder=2)
+    for ax, label in zip(axes, ["steps", *(p[1] for p in panels)]):
+        ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xticks(xs, [str(r.get("trial", i)) for i, r in enumerate(rows)], rotation=90, fontsize=7)
+    counts = {o: sum(r.get("outcome") == o for r in rows) for o in OUTCOMES}
+    fig.suptitle(", ".join([f"{len(rows)} trials", *(f"{n} {o.replace('_', ' ')}" for o, n in counts.items() if n)]))
+    fig.savefig(path_png, dpi=90, bbox_inches="tight")  # constrained layout alone clips the rotated trial names
+    plt.close(fig)
+
+
+def best_trials(rows: list[dict], objectives: list[tuple[str, str]], n: int = 5) -> list[dict]:
+    """Non-failed trials having every objective metric: the n best on a single objective, else the Pareto set (no
+    other trial at least as good on all objectives and better on one, all of it, n unused), by the first objective."""
+    if not objectives or any(mode not in ("min", "max") for _, mode in objectives):
+        raise ValueError(f"objectives must be (metric, 'min' | 'max') pairs, got {objectives!r}")
+    cand = []
+    for r in rows:
+        v = [_num(_raw(r, k)) for k, _ in objectives]
+        if r.get("outcome") != "failed" and None not in v:
+            cand.append((tuple(x if mode == "min" else -x for x, (_, mode) in zip(v, objectives)), r))  # lower=better
+    cand.sort(key=lambda c: c[0][0])  # stable: row order breaks ties
+    if len(objectives) == 1:
+        return [r for _, r in cand[:n]]
+    return [r for v, r in cand if not any(w != v and all(p <= q for p, q in zip(w, v)) for w, _ in cand)]
+
+
+def format_best(rows_best: list[dict], objectives: list[tuple[str, str]], params: list[str]) -> str:
+    """Fixed-width table: trial, outcome, steps done/total, params, objectives, held-out EV and CE recovered."""
+    keys = [k for k, _ in objectives]
+    extra = [k for k in EVAL_SHOWN if k not in keys and any(k in (r.get("metrics") or {}) for r in rows_best)]
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else str(v) if isinstance(v, (int, str)) else f"{v:.4g}" if _is_num(v) else str(v)
+
+    header = ["trial", "outcome", "steps", *params, *(f"{k} ({m})" for k, m in objectives), *extra]
+    body = [[cell(r.get("trial")), cell(r.get("outcome")), f"{cell(r.get('steps_done'))}/{cell(r.get('steps_total'))}",
+             *(cell((r.get("params") or {}).get(p)) for p in params), *(cell(_raw(r, k)) for k in keys + extra)]
+            for r in rows_best]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

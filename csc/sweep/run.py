@@ -1,0 +1,166 @@
+"""`csc sweep`: start (or resume) a Ray Tune sweep whose trials share one activation producer.
+
+The sweep folder <out>/<name>/ is Tune's experiment folder (trial checkpoints, experiment state) plus:
+    csc_sweep.json   the resolved spec and where MLflow records the sweep (read again by --resume)
+    trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from csc.errors import CscError
+from csc.sweep.producer import NAMESPACE, start_producer
+from csc.sweep.spec import SweepSpec
+from csc.sweep.tracking import TRIALS_FILE, MlflowTrials, flat_params, trial_name
+from csc.sweep.trial import run_trial
+
+STATE_FILE = "csc_sweep.json"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    sweep_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    producer: dict[str, float]
+    interrupted: bool
+
+
+def default_tracking(spec: SweepSpec) -> tuple[str, str | None]:
+    """The tracking URI and the artifact root for new experiments."""
+    t = spec.sweep.tracking
+    uri = t.uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    root = t.artifact_root or (str(Path("mlartifacts").resolve()) if uri.startswith("sqlite:") else None)
+    return uri, root
+
+
+def _open_tracking(spec: SweepSpec, name: str, sweep_dir: Path, state: dict[str, Any] | None):
+    from mlflow.tracking import MlflowClient
+
+    uri, root = default_tracking(spec) if state is None else (state["tracking_uri"], None)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if state is not None:
+            client.update_run(state["parent_run_id"], status="RUNNING")
+            return client, uri, state["experiment_id"], state["parent_run_id"]
+        exp_name = spec.sweep.tracking.experiment or name
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            exp_name, artifact_location=Path(root).resolve().as_uri() if root else None)
+        parent = client.create_run(exp_id, run_name=name, tags={"csc.sweep_dir": str(sweep_dir), "csc.role": "sweep"})
+    except Exception as e:  # MLflow raises many kinds (connection, SQL, REST): all mean the same to the user
+        raise CscError(f"sweep.tracking: cannot use MLflow at {uri}: {str(e).strip().splitlines()[0]}") from None
+    items = list(flat_params(spec.model_dump(exclude={"sweep"})).items()) + \
+        list(flat_params(spec.sweep.model_dump(exclude={"search", "points_to_evaluate"}), "sweep.").items())
+    items.append(("sweep.search", json.dumps(spec.sweep.model_dump()["search"])[:500]))
+    from mlflow.entities import Param
+
+    for s in range(0, len(items), 100):
+        client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in items[s:s + 100]])
+    return client, uri, exp_id, parent.info.run_id
+
+
+def _searcher(spec: SweepSpec):
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {}
+    for key, p in spec.sweep.search.items():
+        if p.type == "choice":
+            space[key] = CategoricalDistribution(p.values)
+        elif p.type in ("int", "logint"):
+            space[key] = IntDistribution(int(p.low), int(p.high), log=p.type == "logint")
+        else:
+            space[key] = FloatDistribution(p.low, p.high, log=p.type == "loguniform")
+    objectives = spec.sweep.objectives
+    n = spec.sweep.num_samples
+    sampler = optuna.samplers.TPESampler(seed=spec.sweep.seed, n_startup_trials=min(10, max(2, n // 2)))
+    if len(objectives) == 1:
+        metric, mode = objectives[0].metric, objectives[0].mode
+    else:
+        metric, mode = [o.metric for o in objectives], [o.mode for o in objectives]
+    return OptunaSearch(space, metric=metric, mode=mode, sampler=sampler,
+                        points_to_evaluate=[dict(p) for p in spec.sweep.points_to_evaluate] or None)
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    a = spec.sweep.scheduler
+    if a is None:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="step", metric=a.metric, mode=a.mode, max_t=spec.trainer.steps,
+                         grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+
+
+def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1) -> SweepResult:
+    sweep_dir = (out / name).resolve()
+    state_path = sweep_dir / STATE_FILE
+    spec_json = spec.model_dump_json()
+    state = None
+    if resume:
+        if not state_path.is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
+            raise CscError(f"--resume: no sweep to resume in {sweep_dir} (run it once without --resume)")
+        state = json.loads(state_path.read_text())
+        if state["spec"] != json.loads(spec_json):
+            raise CscError(f"--resume: {sweep_dir} was started with a different spec; resume with the same spec "
+                           f"or start a new sweep (another --out or sweep.name)")
+    elif sweep_dir.exists():
+        raise CscError(f"sweep folder {sweep_dir} exists: pass --resume to continue that sweep, "
+                       f"or choose another --out or sweep.name")
+
+    client, uri, exp_id, parent_id = _open_tracking(spec, name, sweep_dir, state)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({"spec": json.loads(spec_json), "tracking_uri": uri, "experiment_id": exp_id,
+                                      "parent_run_id": parent_id}, indent=1))
+
+    # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not ray.is_initialized():
+        # RAY_ADDRESS (e.g. set by `ray job submit`) joins a cluster; otherwise a local one starts.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), namespace=NAMESPACE, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    res, p = spec.sweep.resources, spec.sweep.producer
+    producer = start_producer(spec.trial({}), name, cpus=res.producer_cpus, gpus=res.producer_gpus,
+                              memory_mb=p.memory_mb, prefetch=p.prefetch, max_restarts=p.max_restarts)
+    info = ray.get(producer.info.remote())
+
+    tracker = MlflowTrials(uri, exp_id, parent_id, spec_json, str(sweep_dir), info["scale"])
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec_json=spec_json, sweep=name, threads=max(1, round(res.trial_cpus))),
+        {"cpu": res.trial_cpus, "gpu": res.trial_gpus})
+    if state is not None:
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
+                                        num_samples=spec.sweep.num_samples,
+                                        max_concurrent_trials=spec.sweep.max_concurrent,
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir.parent), callbacks=[tracker],
+                                      failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbose))
+    tuner.fit()
+
+    stats = ray.get(producer.stats.remote())
+    rows = json.loads((sweep_dir / TRIALS_FILE).read_text()) if (sweep_dir / TRIALS_FILE).is_file() else []
+    interrupted = len(rows) < spec.sweep.num_samples or any(r["outcome"] == "running" for r in rows)
+    from mlflow.entities import Metric
+
+    client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()])
+    client.set_tag(parent_id, "csc.interrupted", str(interrupted).lower())
+    client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
+    return SweepResult(name, sweep_dir, uri, exp_id, parent_id, rows, stats, interrupted)

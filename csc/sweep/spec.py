@@ -1,0 +1,193 @@
+"""The sweep spec: a training spec (model, corpus, activations, sae, trainer, eval) plus a `sweep:` section.
+
+Every searched value is a field of `sae` or `trainer`, named by its dotted path ("trainer.beta"). The
+whole spec, including the ends of every search range and every point to evaluate, is validated here,
+before Ray starts, so a typo never costs a cluster start-up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from csc.config import Spec, TrainRunSpec
+
+REPORT_METRICS = ("loss", "mse", "l1", "nce", "ev", "l0", "dead_frac")
+"""What every report of a trial carries (averages over the steps since the previous report); only these
+can drive the search and the scheduler, because a trial stopped early never reaches the held-out eval."""
+
+
+class SearchParam(Spec):
+    """The range of one searched field."""
+
+    type: Literal["loguniform", "uniform", "int", "logint", "choice"]
+    """loguniform/uniform: a float in [low, high]; int/logint: an integer in [low, high] (logint on a
+    log scale); choice: one of `values`."""
+    low: float | None = None
+    """Lower end (all types but choice)."""
+    high: float | None = None
+    """Upper end, inclusive (all types but choice)."""
+    values: list[Any] | None = None
+    """The candidates of a choice."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchParam":
+        if self.type == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("a choice needs a non-empty `values` list and no low/high")
+            return self
+        if self.low is None or self.high is None or self.values is not None:
+            raise ValueError(f"a {self.type} range needs `low` and `high` (and no `values`)")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type in ("loguniform", "logint") and self.low <= 0:
+            raise ValueError(f"a {self.type} range needs low > 0")
+        if self.type in ("int", "logint") and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("an int range needs integer low and high")
+        return self
+
+    def ends(self) -> list[Any]:
+        """The values that bound the range: checking these against the field checks every sample."""
+        if self.type == "choice":
+            return list(self.values)
+        if self.type in ("int", "logint"):
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class Objective(Spec):
+    metric: Literal[REPORT_METRICS]
+    """A per-report training metric (see REPORT_METRICS)."""
+    mode: Literal["min", "max"]
+    """Whether lower or higher is better."""
+
+
+class AshaSpec(Spec):
+    """Asynchronous successive halving: at each rung a trial continues only if it is in the top
+    1/reduction_factor of the trials that reached that rung."""
+
+    metric: Literal[REPORT_METRICS] = "ev"
+    """Training metric the rungs compare."""
+    mode: Literal["min", "max"] = "max"
+    """Whether lower or higher is better."""
+    grace_period: int = Field(100, ge=1)
+    """Steps every trial trains before it can be stopped (the first rung)."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """Rung spacing and the fraction kept: rungs at grace_period * rf^k steps."""
+
+
+class ResourcesSpec(Spec):
+    trial_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per trial (torch in the trial uses this many threads)."""
+    trial_gpus: float = Field(0.0, ge=0)
+    """GPUs per trial; fractions share one GPU between trials."""
+    producer_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved for the activation producer actor."""
+    producer_gpus: float = Field(0.0, ge=0)
+    """GPUs for the producer (the LM); a fraction leaves room for trials on the same GPU."""
+
+
+class ProducerSpec(Spec):
+    memory_mb: int = Field(2048, ge=1)
+    """Shards the producer keeps in memory, at most this many MiB (least recently used go first)."""
+    prefetch: int = Field(2, ge=0)
+    """Shards the producer computes ahead of the furthest one asked for."""
+    max_restarts: int = Field(3, ge=0)
+    """Times Ray restarts the producer if its process dies; trials' calls are retried meanwhile."""
+
+
+class TrackingSpec(Spec):
+    uri: str | None = None
+    """MLflow tracking URI: `sqlite:///path.db`, or an `http://host:port` server. Default:
+    sqlite:///mlflow.db in the working directory, artifacts in ./mlartifacts."""
+    artifact_root: str | None = None
+    """Where a new experiment keeps its artifacts (a SQLite store has no default). Default: ./mlartifacts."""
+    experiment: str | None = None
+    """MLflow experiment name. Default: the sweep's name."""
+
+
+class SweepSection(Spec):
+    name: str | None = None
+    """Sweep name: the output folder and the MLflow parent run. Default: the spec file's stem."""
+    num_samples: int = Field(8, ge=1)
+    """Trials to run, including `points_to_evaluate`."""
+    max_concurrent: int = Field(2, ge=1)
+    """Trials running at the same time."""
+    seed: int = 0
+    """Seed of the Optuna sampler."""
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="ev", mode="max")], min_length=1)
+    """What Optuna optimises: one objective, or several (a Pareto search, e.g. ev max and l0 min)."""
+    search: dict[str, SearchParam] = Field(default_factory=dict)
+    """Searched fields by dotted path, e.g. trainer.beta, trainer.gamma, trainer.temperature, sae.dict_size."""
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    """Trials to run first with these exact values (each names every searched field), e.g. a baseline."""
+    scheduler: AshaSpec | None = AshaSpec()
+    """Early stopping; null runs every trial to trainer.steps."""
+    max_failures: int = Field(0, ge=0)
+    """Times a failed trial is retried from its last checkpoint (a diverging trial fails again)."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """Ray resources of trials and of the producer."""
+    producer: ProducerSpec = ProducerSpec()
+    """The shared activation producer."""
+    tracking: TrackingSpec = TrackingSpec()
+    """Where MLflow records the sweep."""
+
+
+class SweepSpec(TrainRunSpec):
+    """What `csc sweep SPEC.yaml` reads: a training spec whose sae/trainer fields are the base of every
+    trial, plus the `sweep` section."""
+
+    sweep: SweepSection = SweepSection()
+    """The search, the scheduler, resources and tracking."""
+
+    @model_validator(mode="after")
+    def _check_search(self) -> "SweepSpec":
+        for key, param in self.sweep.search.items():
+            for value in param.ends():
+                _check_value(self, key, value, f"sweep.search.{key}")
+        for n, point in enumerate(self.sweep.points_to_evaluate):
+            if set(point) != set(self.sweep.search):
+                raise ValueError(f"sweep.points_to_evaluate[{n}] must give exactly the searched fields "
+                                 f"{sorted(self.sweep.search)}, got {sorted(point)}")
+            for key, value in point.items():
+                point[key] = _check_value(self, key, value, f"sweep.points_to_evaluate[{n}].{key}")
+        if len(self.sweep.points_to_evaluate) > self.sweep.num_samples:
+            raise ValueError("sweep.points_to_evaluate has more points than sweep.num_samples")
+        asha = self.sweep.scheduler
+        if asha is not None and asha.grace_period >= self.trainer.steps:
+            raise ValueError(f"sweep.scheduler.grace_period ({asha.grace_period}) must be below trainer.steps "
+                             f"({self.trainer.steps}), or no trial can be stopped early")
+        return self
+
+    def trial(self, params: dict[str, Any]) -> TrainRunSpec:
+        """The training spec of one trial: the base with `params` (dotted paths) set."""
+        return TrainRunSpec.model_validate(with_params(self, params))
+
+
+def with_params(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    data = spec.model_dump(exclude={"sweep"})
+    for key, value in params.items():
+        section, field = key.split(".", 1)
+        data[section][field] = value
+    return data
+
+
+def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
+    """`value` as the field holds it (YAML reads 1.0e20 as a string; the field makes it a float)."""
+    section, _, field = key.partition(".")
+    if section not in ("sae", "trainer") or not field or "." in field:
+        raise ValueError(f"{where}: searched fields are `sae.<field>` or `trainer.<field>`")
+    cls = type(getattr(spec, section))
+    if field not in cls.model_fields or field == "d_in":
+        raise ValueError(f"{where}: {cls.__name__} has no searchable field {field!r}")
+    try:
+        checked = TrainRunSpec.model_validate(with_params(spec, {key: value}))
+    except ValidationError as e:
+        raise ValueError(f"{where}: value {value!r} is invalid: {e.errors()[0]['msg']}") from None
+    return getattr(getattr(checked, section), field)
+
+
+def sweep_name(spec: SweepSpec, path: str | Path | None) -> str:
+    return spec.sweep.name or (Path(path).stem if path else "sweep")

@@ -1,0 +1,174 @@
+"""End-to-end sweeps on the tiny model with real Ray (local) and real MLflow (SQLite): early stopping, a
+diverging trial recorded as FAILED while the sweep goes on, the parent/child runs and their contents, one
+LM run per shard, and an interrupted sweep resumed without duplicate trials or MLflow runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from csc.config import load_spec
+from csc.sae.export import load_exported
+from csc.sweep.run import run_sweep
+from csc.sweep.spec import SweepSpec
+
+
+def tiny_sweep(tmp_path: Path, cache: Path, **sweep) -> Path:
+    data = {
+        "model": {"name": "tiny-gemma2"},
+        "activations": {"layer": 2, "context_length": 32, "contexts_per_shard": 8, "lm_batch_size": 4,
+                        "train_tokens": 1024, "eval_tokens": 512, "cache_dir": str(cache)},
+        "sae": {"dict_size": 128},
+        "trainer": {"steps": 40, "batch_size": 64, "lr_warmup_steps": 5, "beta_warmup_steps": 5,
+                    "gamma_warmup_steps": 5, "log_every": 5},
+        "eval": {"ce_contexts": 4, "batch_size": 128},
+        "checkpoint_every": 10,
+        "sweep": {"num_samples": 5, "max_concurrent": 1,
+                  "objectives": [{"metric": "ev", "mode": "max"}, {"metric": "l0", "mode": "min"}],
+                  "search": {"trainer.beta": {"type": "loguniform", "low": 0.001, "high": 0.01},
+                             "trainer.lr": {"type": "loguniform", "low": 3e-4, "high": 3e-3}},
+                  "scheduler": {"metric": "ev", "mode": "max", "grace_period": 10, "reduction_factor": 2},
+                  "resources": {"trial_cpus": 0.5, "producer_cpus": 0.5},
+                  **sweep},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def child_runs(client: MlflowClient, exp_id: str, parent_id: str):
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default tracking store is ./mlflow.db
+    yield tmp_path
+    ray.shutdown()
+
+
+def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, cache):
+    points = [{"trainer.beta": 0.001, "trainer.lr": 1e-3},
+              {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: ASHA stops it
+              {"trainer.beta": 0.005, "trainer.lr": 1e20}]  # outside the searched range; diverges at step 2
+    spec = load_spec(SweepSpec, tiny_sweep(in_tmp, cache, points_to_evaluate=points))
+    result = run_sweep(spec, "tiny", in_tmp / "runs", verbose=0)
+
+    rows = {r["trial"]: r for r in result.rows}
+    assert sorted(rows) == [f"trial_{i:02d}" for i in range(1, 6)] and not result.interrupted
+    assert rows["trial_01"]["outcome"] == "finished"
+    assert rows["trial_02"]["outcome"] == "stopped_early" and rows["trial_02"]["steps_done"] < 40
+    assert rows["trial_03"]["outcome"] == "failed"
+    assert rows["trial_03"]["reason"].startswith("csc.errors.DivergenceError: step 2: ")
+    assert all(rows[t]["outcome"] in ("finished", "stopped_early") for t in ("trial_04", "trial_05")), \
+        "the sweep goes on after a failure"
+
+    # The LM ran once per shard (4 train + 2 eval, fresh cache), though five trials read them.
+    st = result.producer
+    assert st["lm_shards_computed"] == 6 and st["requests"] > 6 * 3
+    assert st["evaluations"] == sum(r["outcome"] == "finished" for r in rows.values())
+
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["csc.role"] == "sweep"
+    assert parent.data.params["trainer.steps"] == "40" and parent.data.metrics["producer.lm_shards_computed"] == 6
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= \
+        {"trials.csv", "trials.json", "pareto.png", "progression.png"}
+    assert Path(client.get_experiment(result.experiment_id).artifact_location.removeprefix("file://")) == \
+        in_tmp / "mlartifacts"
+
+    runs = child_runs(client, result.experiment_id, result.parent_run_id)
+    assert sorted(runs) == sorted(rows)
+    for name, run in runs.items():
+        assert float(run.data.params["trainer.beta"]) == pytest.approx(rows[name]["params"]["trainer.beta"])
+        assert run.data.tags["csc.outcome"] == rows[name]["outcome"]
+
+    done = runs["trial_01"]
+    assert done.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(done.info.run_id, "loss")]
+    assert steps == list(range(5, 41, 5))
+    assert 0 < done.data.metrics["eval/explained_variance"] <= 1 and "eval/ce_loss_recovered" in done.data.metrics
+    arts = {a.path for a in client.list_artifacts(done.info.run_id)} | \
+        {a.path for a in client.list_artifacts(done.info.run_id, "sae")}
+    assert arts >= {"curves.png", "eval.json", "sae/cfg.json", "sae/sae_weights.safetensors"}
+    sae, meta = load_exported(Path(client.download_artifacts(done.info.run_id, "sae", str(in_tmp / "dl"))))
+    assert sae.cfg.dict_size == 128 and meta["hook_layer"] == 2
+
+    stopped = runs["trial_02"]
+    assert stopped.info.status == "KILLED" and "ASHA stopped it at step" in stopped.data.tags["csc.stop_reason"]
+    assert "sae" in {a.path for a in client.list_artifacts(stopped.info.run_id)}
+
+    failed = runs["trial_03"]
+    assert failed.info.status == "FAILED"
+    assert "DivergenceError" in failed.data.tags["csc.failure_reason"]
+    error = Path(client.download_artifacts(failed.info.run_id, "error.txt", str(in_tmp / "dl"))).read_text()
+    assert 'csc/sae/trainer.py", line' in error and "in _check_finite" in error and "\x1b[" not in error
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep exited ({proc.returncode}) before {what}")
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
+    spec_path = tiny_sweep(tmp_path, cache, num_samples=4, max_concurrent=2, scheduler=None)
+    data = yaml.safe_load(spec_path.read_text())
+    data["trainer"].update(steps=400, log_every=20)
+    data["checkpoint_every"] = 40
+    spec_path.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def n_ended() -> int:
+        try:
+            return sum(r.info.status in ("FINISHED", "KILLED") for r in client.search_runs(
+                ["1"], filter_string="tags.`csc.trial_id` != ''"))
+        except Exception:  # the store is not created yet
+            return 0
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: n_ended() >= 1, 300, "a first trial finished", proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl+C does: Tune saves its state and stops
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "the sweep was interrupted; continue it with" in out
+    state = json.loads((tmp_path / "runs" / "tiny" / "csc_sweep.json").read_text())
+    before = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    finished_before = {n: r.info.run_id for n, r in before.items() if r.info.status == "FINISHED"}
+    assert 1 <= len(finished_before) < 4
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    assert sorted(after) == ["trial_01", "trial_02", "trial_03", "trial_04"]
+    assert len(client.search_runs([state["experiment_id"]])) == 5, "one parent and four children, no duplicates"
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    for name, run_id in finished_before.items():
+        assert after[name].info.run_id == run_id
+    for run in after.values():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(20, 401, 20)), f"{run.info.run_name}: every step once"
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+    trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
+    assert sorted(r["trial"] for r in trials) == sorted(after)

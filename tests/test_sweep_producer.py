@@ -1,0 +1,93 @@
+"""The shared producer: one LM run per shard however many readers, prefetch, bounded memory, and (as a
+real Ray actor) restart after its process dies."""
+
+import threading
+
+import pytest
+import ray
+import torch
+
+from csc.activations.source import Activations
+from csc.config import TrainRunSpec
+from csc.sweep.producer import ActivationProducer, RemoteActivations, start_producer
+from tests.conftest import tiny_spec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def train_spec(cache, *extra) -> TrainRunSpec:
+    return TrainRunSpec.model_validate({**tiny_spec(cache, *extra).model_dump(), "sae": {"dict_size": 64},
+                                        "trainer": {"steps": 1}})
+
+
+def producer(cache, memory_mb=64, prefetch=0, *extra) -> ActivationProducer:
+    return ActivationProducer(train_spec(cache, *extra).model_dump_json(), memory_mb, prefetch)
+
+
+def test_concurrent_readers_share_one_lm_run_per_shard(cache):
+    p = producer(cache)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(p.shard("train", 1))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert p.stats()["lm_shards_computed"] == 1
+    assert all(torch.equal(r.acts, results[0].acts) for r in results)
+    assert torch.equal(results[0].acts, Activations(tiny_spec(cache)).shard("train", 1).acts)  # as stored
+
+
+def test_prefetch_makes_the_next_shards_before_they_are_asked_for(cache):
+    p = producer(cache, 64, 2, "activations.train_tokens=1024")  # 4 shards
+    p.shard("train", 0)
+    p._lm.submit(lambda: None).result()  # the LM thread has drained its queue
+    assert p.stats()["lm_shards_computed"] == 3
+    p.shard("train", 1)
+    p.shard("train", 2)
+    p._lm.submit(lambda: None).result()
+    st = p.stats()
+    assert st["memory_hits"] == 2 and st["lm_shards_computed"] == 4  # shard 3 prefetched; 4 shards in all
+
+
+def test_memory_is_bounded_least_recently_used_first(cache):
+    p = producer(cache, 1, 0, "activations.train_tokens=4096")  # 16 shards of 8x32x64 floats: 64 KiB each
+    shard_mb = p.shard("train", 0).acts.numel() * 4 / 2**20
+    for i in range(16):
+        p.shard("train", i)
+    st = p.stats()
+    assert st["memory_mb"] <= 1 and st["memory_shards"] < 16
+    assert st["memory_shards"] >= int(1 / shard_mb) - 1
+    hits = st["memory_hits"]  # 1: shard 0, asked for twice
+    p.shard("train", 15)
+    assert p.stats()["memory_hits"] == hits + 1  # the newest shard stayed...
+    p.shard("train", 0)
+    assert p.stats()["memory_hits"] == hits + 1  # ...the least recently used went
+
+
+def test_a_bad_shard_request_fails_the_caller_only(cache):
+    p = producer(cache)
+    with pytest.raises(IndexError, match="train shard 2 does not exist: the spec's token budget makes 2 shards"):
+        p.shard("train", 2)
+    assert len(p.shard("train", 0).seq_id) == 8
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, namespace="csc-test")
+    yield
+    ray.shutdown()
+
+
+def test_actor_restarts_after_its_process_dies_and_readers_carry_on(cache, local_ray):
+    spec = train_spec(cache)
+    actor = start_producer(spec, "restart-test", cpus=0.5, gpus=0, memory_mb=64, prefetch=1, max_restarts=2)
+    reader = RemoteActivations(spec, "restart-test")
+    before = reader.shard("train", 0)
+    reader.shard("train", 1)  # both shards are on disk before the kill
+    pid = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+    ray.kill(actor, no_restart=False)  # the process dies as it would on an OOM kill
+    after = reader.shard("train", 0)  # retried on the restarted actor
+    assert torch.equal(before.acts, after.acts)
+    assert ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid())) != pid
+    stats = ray.get(actor.stats.remote())
+    assert stats["lm_shards_computed"] == 0, "the restarted producer reads the disk cache"

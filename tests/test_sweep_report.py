@@ -1,0 +1,179 @@
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csc.sweep.report import (METRICS, best_trials, format_best, pareto_front, pareto_plot, progression_plot,
+                              write_trials_table)
+
+
+def trial(i, outcome, gamma, beta, temp, dict_size, steps_done, metrics, **extra):
+    return {"trial": f"trial_{i:05d}", "outcome": outcome, "steps_done": steps_done, "steps_total": 300,
+            "dict_size": dict_size, "metrics": metrics, **extra,
+            "params": {"trainer.beta": beta, "trainer.gamma": gamma, "trainer.temperature": temp,
+                       "sae.dict_size": dict_size}}
+
+
+def train(loss, mse, ev, l0, nce=0.1):
+    m = {"loss": loss, "mse": mse, "l1": 0.3, "ev": ev, "l0": l0, "dead_frac": 0.01}
+    return m if nce is None else {**m, "nce": nce}
+
+
+def held_out(ev, l0, ce, kl=0.1):
+    m = {"eval/explained_variance": ev, "eval/l0": l0, "eval/ce_loss_recovered": ce, "eval/mse": 0.5}
+    return m if kl is None else {**m, "eval/kl_spliced": kl}
+
+
+@pytest.fixture
+def rows():
+    """A realistic mix: four finished (one without nce / kl), one stopped early, two failed (one with metrics that
+    would beat every other trial, to show failures are excluded), one running."""
+    return [
+        trial(0, "finished", 0.0, 0.01, 0.5, 1024, 300, {**train(0.9, 0.5, 0.80, 40), **held_out(0.78, 42, 0.90)}),
+        trial(1, "finished", 0.2, 0.03, 0.5, 1024, 300, {**train(0.8, 0.6, 0.75, 20), **held_out(0.74, 21, 0.88)}),
+        trial(2, "finished", 1.0, 0.1, 0.1, 4096, 300, {**train(1.1, 0.7, 0.70, 8), **held_out(0.65, 9, 0.80)}),
+        trial(3, "stopped_early", 0.5, 0.3, 0.5, 1024, 100, train(1.5, 0.4, 0.85, 60)),
+        trial(4, "failed", 2.0, 0.01, 0.5, 1024, 0, {"ev": 0.99, "l0": 1.0}, reason="CUDA out of memory"),
+        trial(5, "finished", 0.2, 0.01, 1.0, 4096, 300,
+              {**train(0.95, 0.55, 0.72, 45, nce=None), **held_out(0.70, 48, 0.85, kl=None)}),
+        trial(6, "failed", 0.05, 1.0, 0.5, 1024, 12, {}, reason="loss became NaN at step 12"),
+        trial(7, "running", 0.1, 0.02, 0.2, 1024, 150, train(1.2, 0.8, 0.6, 30)),
+    ]
+
+
+def names(rs):
+    return [r["trial"] for r in rs]
+
+
+def test_trials_table_columns_and_cells(rows, tmp_path):
+    rows[1]["params"]["trainer.lr"] = 3e-4  # searched by one trial only: still a column, empty elsewhere
+    path = tmp_path / "trials.csv"
+    write_trials_table(rows, path)
+    with open(path, newline="") as f:
+        header, *body = list(csv.reader(f))
+    params = ["sae.dict_size", "trainer.beta", "trainer.gamma", "trainer.lr", "trainer.temperature"]
+    assert header == ["trial", "outcome", "steps_done", "steps_total", *params, *METRICS, "reason"]
+    assert METRICS == ["ev", "l0", "mse", "loss", "nce", "eval/explained_variance", "eval/l0",
+                       "eval/ce_loss_recovered", "eval/kl_spliced"]
+    table = {r["trial"]: r for r in (dict(zip(header, b)) for b in body)}
+    assert list(table) == names(rows)
+    t0 = table["trial_00000"]
+    assert (t0["outcome"], t0["steps_done"], t0["steps_total"]) == ("finished", "300", "300")
+    assert float(t0["eval/ce_loss_recovered"]) == 0.90 and float(t0["trainer.gamma"]) == 0.0
+    assert t0["trainer.lr"] == "" and float(table["trial_00001"]["trainer.lr"]) == 3e-4
+    assert table["trial_00005"]["nce"] == "" and table["trial_00005"]["eval/kl_spliced"] == ""
+    assert float(table["trial_00005"]["eval/l0"]) == 48
+    assert table["trial_00003"]["eval/l0"] == "" and float(table["trial_00003"]["ev"]) == 0.85
+    failed = table["trial_00006"]
+    assert failed["reason"] == "loss became NaN at step 12" and failed["steps_done"] == "12"
+    assert all(failed[k] == "" for k in METRICS)
+    assert t0["reason"] == ""
+
+
+def brute_front(points, minimize_x, maximize_y):
+    def better_eq(a, b, minimize):
+        return a <= b if minimize else a >= b
+
+    def dominates(p, q):
+        return (better_eq(p[0], q[0], minimize_x) and better_eq(p[1], q[1], not maximize_y)) and p != q
+
+    return {i for i, q in enumerate(points) if not any(dominates(p, q) for p in points)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(points=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), max_size=25),  # small grid: many ties
+       minimize_x=st.booleans(), maximize_y=st.booleans())
+def test_pareto_front_matches_brute_force(points, minimize_x, maximize_y):
+    front = pareto_front([(float(x), float(y)) for x, y in points], minimize_x, maximize_y)
+    assert len(front) == len(set(front))
+    assert set(front) == brute_front(points, minimize_x, maximize_y)
+    xs = [points[i][0] * (1 if minimize_x else -1) for i in front]
+    assert xs == sorted(xs)  # best x first, so the front draws as a staircase
+
+
+def test_pareto_front_example_with_duplicates_and_nan():
+    points = [(1, 1), (1, 1), (2, 2), (0, 0), (2, 1), (math.nan, 5), (3, math.nan)]
+    assert pareto_front(points) == [3, 0, 1, 2]
+    assert pareto_front([]) == []
+
+
+def test_best_trials_single_objective(rows):
+    assert names(best_trials(rows, [("eval/explained_variance", "max")], n=2)) == ["trial_00000", "trial_00001"]
+    # Only four trials have held-out metrics; n larger than that returns them all.
+    assert names(best_trials(rows, [("eval/explained_variance", "max")])) == [
+        "trial_00000", "trial_00001", "trial_00005", "trial_00002"]
+    # The failed trial_00004 reports l0 = 1 but never appears.
+    assert names(best_trials(rows, [("l0", "min")], n=3)) == ["trial_00002", "trial_00001", "trial_00007"]
+
+
+def test_best_trials_multi_objective(rows):
+    # Training figures: trial_00005 (0.72, 45) is dominated by trial_00000 (0.80, 40), trial_00007 (0.6, 30) by
+    # trial_00001 (0.75, 20); the failed trial_00004 (0.99, 1) would dominate them all but is excluded.
+    assert names(best_trials(rows, [("ev", "max"), ("l0", "min")])) == [
+        "trial_00003", "trial_00000", "trial_00001", "trial_00002"]
+    # Held-out figures exist for finished trials only; trial_00005 (48, 0.85) is dominated by trial_00000 (42, 0.90).
+    assert names(best_trials(rows, [("eval/l0", "min"), ("eval/ce_loss_recovered", "max")])) == [
+        "trial_00002", "trial_00001", "trial_00000"]
+    with pytest.raises(ValueError):
+        best_trials(rows, [("ev", "maximise")])
+
+
+def test_format_best(rows):
+    objectives = [("ev", "max"), ("l0", "min")]
+    best = best_trials(rows, objectives)
+    text = format_best(best, objectives, ["trainer.beta", "trainer.gamma"])
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(best)
+    assert lines[0].split() == ["trial", "outcome", "steps", "trainer.beta", "trainer.gamma", "ev", "(max)", "l0",
+                                "(min)", "eval/explained_variance", "eval/ce_loss_recovered"]
+    for r in best:
+        assert r["trial"] in text
+    early = next(line for line in lines if "trial_00003" in line)
+    assert early.split()[-2:] == ["-", "-"] and "100/300" in early  # stopped early: no held-out figures
+    t0 = next(line for line in lines if "trial_00000" in line)
+    assert t0.split()[-2:] == ["0.78", "0.9"]
+    assert format_best([{"trial": "x", "metrics": {"ev": 1 / 3}}], [("ev", "max")], ["p"]).splitlines()[-1].split() \
+        == ["x", "-", "-/-", "-", "0.3333"]
+
+
+def assert_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plots_realistic_mix(rows, tmp_path):
+    pareto_plot(rows, tmp_path / "pareto.png")
+    progression_plot(rows, tmp_path / "progression.png")
+    assert_png(tmp_path / "pareto.png")
+    assert_png(tmp_path / "progression.png")
+
+
+def test_plots_without_gamma_with_categorical_param(rows, tmp_path):
+    for r in rows:
+        activation = "topk" if r["steps_done"] else "relu"
+        r["params"] = {"trainer.beta": r["params"]["trainer.beta"], "sae.activation": activation}
+    pareto_plot(rows, tmp_path / "pareto.png")
+    progression_plot(rows, tmp_path / "progression.png")
+    assert_png(tmp_path / "pareto.png")
+    assert_png(tmp_path / "progression.png")
+
+
+@pytest.mark.parametrize("which", ["all_failed", "empty"])
+def test_plots_without_finished_trials(rows, tmp_path, which):
+    rows = [r for r in rows if r["outcome"] == "failed"] if which == "all_failed" else []
+    pareto_plot(rows, tmp_path / "pareto.png")
+    progression_plot(rows, tmp_path / "progression.png")
+    assert_png(tmp_path / "pareto.png")
+    assert_png(tmp_path / "progression.png")
+
+
+def test_report_never_imports_ray_or_mlflow():
+    code = ("import sys, csc.sweep.report\n"
+            "sys.exit(sorted(n for n in sys.modules if n.split('.')[0] in ('ray', 'mlflow')) != [])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
