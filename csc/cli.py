@@ -64,34 +64,23 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from csc.config import load_spec
-    from csc.sweep import report
-    from csc.sweep.run import run_sweep
+    from csc.sweep.run import run_sweep, sweep_summary
     from csc.sweep.spec import SweepSpec, sweep_name
 
     spec = load_spec(SweepSpec, args.spec, args.overrides)
-    name = sweep_name(spec, args.spec)
-    t0 = time.perf_counter()
-    result = run_sweep(spec, name, Path(args.out), resume=args.resume, verbose=args.verbose)
-    wall = time.perf_counter() - t0
-    rows = result.rows
-    outcomes = {o: sum(r["outcome"] == o for r in rows) for o in ("finished", "stopped_early", "failed", "running")}
-    print(f"\nsweep {name!r}: {len(rows)} trials in {wall:.0f} s: " + ", ".join(f"{n} {o.replace('_', ' ')}"
-                                                                       for o, n in outcomes.items() if n))
-    st = result.producer
-    print(f"producer: the LM made {st['lm_shards_computed']:.0f} shards ({st['lm_tokens']:,.0f} tokens in "
-          f"{st['lm_seconds']:.1f} s); {st['requests']:.0f} shard requests from trials, {st['memory_hits']:.0f} "
-          f"served from memory; {st['evaluations']:.0f} CE/KL evaluations")
-    objectives = [(o.metric, o.mode) for o in spec.sweep.objectives]
-    best = report.best_trials(rows, objectives)
-    if best:
-        print("best trials (" + ", ".join(f"{m} {mode}" for m, mode in objectives) + "):")
-        print(report.format_best(best, objectives, list(spec.sweep.search)))
-    print(f"reports: {result.sweep_dir}/trials.csv, pareto.png, progression.png (also on the MLflow parent run)")
-    ui = "csc ui" + ("" if result.tracking_uri.startswith("sqlite:///" + str(Path.cwd() / "mlflow.db"))
-                     else f" --uri {result.tracking_uri}")
-    print(f"MLflow: experiment {result.experiment_id}, parent run {result.parent_run_id}; open it with: {ui}")
+    result = run_sweep(spec, sweep_name(spec, args.spec), Path(args.out), resume=args.resume, verbose=args.verbose)
+    print("\n" + sweep_summary(result.sweep_dir))
     if result.interrupted:
-        print(f"the sweep was interrupted; continue it with: csc sweep {args.spec or ''} --out {args.out} --resume")
+        again = " ".join(["csc sweep", args.spec or "", *(f"--set {o}" for o in args.overrides), "--out", args.out])
+        print(f"the sweep was interrupted; continue it with: {again} --resume")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from csc.sweep.run import sweep_summary
+
+    print(sweep_summary(Path(args.path)))
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
@@ -124,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune's progress output (default: 1)")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("report", help="reprint the summary and best trials of a sweep folder")
+    p.add_argument("path", help="sweep folder written by `csc sweep` (e.g. runs/sweeps/quickstart)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the sweeps' tracking store")
     p.add_argument("--uri", help="tracking URI (default: sqlite:///mlflow.db in the working directory)")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")

@@ -135,7 +135,7 @@ def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
         ax.set(xlabel="L0 (active latents per token)", ylabel=label[4:], title=f"{label} vs L0")
         ax.grid(alpha=0.3)
         if handles:
-            ax.legend(handles=handles, fontsize=8, loc="lower right")
+            ax.legend(handles=handles, fontsize=8, loc="best")
     if sm is not None:
         fig.colorbar(sm, ax=axes, label="trainer.gamma", shrink=0.9)
     fig.savefig(path_png, dpi=90)

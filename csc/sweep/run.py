@@ -17,6 +17,7 @@ import ray
 from ray import tune
 
 from csc.errors import CscError
+from csc.sweep import report
 from csc.sweep.producer import NAMESPACE, start_producer
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import TRIALS_FILE, MlflowTrials, flat_params, trial_name
@@ -161,6 +162,39 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     from mlflow.entities import Metric
 
     client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()])
+    state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "producer": stats,
+                                      "interrupted": interrupted}, indent=1))
     client.set_tag(parent_id, "csc.interrupted", str(interrupted).lower())
     client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
     return SweepResult(name, sweep_dir, uri, exp_id, parent_id, rows, stats, interrupted)
+
+
+def sweep_summary(sweep_dir: Path) -> str:
+    """What `csc sweep` prints at the end and `csc report` prints again: outcomes, the producer's work,
+    the best trials by the sweep's objectives, and where the reports and the MLflow runs are."""
+    state_path, rows_path = sweep_dir / STATE_FILE, sweep_dir / TRIALS_FILE
+    if not state_path.is_file():
+        raise CscError(f"{sweep_dir}: not a sweep folder (no {STATE_FILE})")
+    state = json.loads(state_path.read_text())
+    rows = json.loads(rows_path.read_text()) if rows_path.is_file() else []
+    spec = SweepSpec.model_validate(state["spec"])
+    counts = {o: sum(r["outcome"] == o for r in rows) for o in ("finished", "stopped_early", "failed", "running")}
+    lines = [f"sweep {sweep_dir.name!r}: {len(rows)} of {spec.sweep.num_samples} trials: "
+             + ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in counts.items() if n)]
+    if "producer" in state:
+        st = state["producer"]
+        lines.append(f"producer: the LM made {st['lm_shards_computed']:.0f} shards ({st['lm_tokens']:,.0f} tokens "
+                     f"in {st['lm_seconds']:.1f} s) for {st['requests']:.0f} shard requests, {st['memory_hits']:.0f} "
+                     f"of them from memory; {st['evaluations']:.0f} CE/KL evaluations")
+    objectives = [(o.metric, o.mode) for o in spec.sweep.objectives]
+    best = report.best_trials(rows, objectives)
+    if best:
+        lines.append("best trials (" + ", ".join(f"{m} {mode}" for m, mode in objectives)
+                     + ("; the Pareto set" if len(objectives) > 1 else "") + "):")
+        lines.append(report.format_best(best, objectives, list(spec.sweep.search)))
+    lines.append(f"reports: {sweep_dir}/trials.csv, pareto.png, progression.png (also on the MLflow parent run)")
+    uri = state["tracking_uri"]
+    ui = "csc ui" if uri == f"sqlite:///{Path('mlflow.db').resolve()}" else f"csc ui --uri {uri}"
+    lines.append(f"MLflow: experiment {state['experiment_id']}, parent run {state['parent_run_id']}; "
+                 f"open it with: {ui}")
+    return "\n".join(lines)
