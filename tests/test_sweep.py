@@ -4,6 +4,7 @@ LM run per shard, and an interrupted sweep resumed without duplicate trials or M
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,31 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
     assert sorted(r["trial"] for r in trials) == sorted(after)
+
+
+@pytest.mark.slow
+def test_sweep_against_a_real_mlflow_server_and_its_runs_page(tmp_path, cache):
+    """The same sweep code with an http:// tracking URI, then the runs page rendered in headless Chromium."""
+    from csc.sweep.ui import MlflowServer, render_page, runs_page_url
+
+    if shutil.which("chromium") is None and not os.environ.get("CI"):
+        pytest.skip("needs headless Chromium (Debian package `chromium`)")
+    with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts")) as server:
+        spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, num_samples=3, max_concurrent=2,
+                                               tracking={"uri": server.url, "experiment": "served"}))
+        try:
+            result = run_sweep(spec, "served", tmp_path / "runs", verbose=0)
+        finally:
+            ray.shutdown()
+        client = MlflowClient(server.url)
+        runs = child_runs(client, result.experiment_id, result.parent_run_id)
+        assert sorted(runs) == ["trial_01", "trial_02", "trial_03"]
+        assert all(r.info.status in ("FINISHED", "KILLED") for r in runs.values())
+        done = next(r for r in runs.values() if r.info.status == "FINISHED")
+        assert {a.path for a in client.list_artifacts(done.info.run_id, "sae")} == \
+            {"sae/cfg.json", "sae/sae_weights.safetensors"}
+        assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+        dom = render_page(runs_page_url(server.url, result.experiment_id, flat=True))
+    assert not (tmp_path / "mlflow.db").exists(), "nothing went to the default store"
+    for name in ["served", "trial_01", "trial_02", "trial_03"]:
+        assert name in dom, f"{name} is not on the rendered runs page"

@@ -22,6 +22,7 @@ from csc.sweep.producer import NAMESPACE, start_producer
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import TRIALS_FILE, MlflowTrials, flat_params, trial_name
 from csc.sweep.trial import run_trial
+from csc.sweep.ui import default_tracking
 
 STATE_FILE = "csc_sweep.json"
 
@@ -38,18 +39,18 @@ class SweepResult:
     interrupted: bool
 
 
-def default_tracking(spec: SweepSpec) -> tuple[str, str | None]:
-    """The tracking URI and the artifact root for new experiments."""
+def tracking_of(spec: SweepSpec) -> tuple[str, str | None]:
+    """The tracking URI and the artifact root for new experiments (a server picks its own by default)."""
     t = spec.sweep.tracking
-    uri = t.uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    root = t.artifact_root or (str(Path("mlartifacts").resolve()) if uri.startswith("sqlite:") else None)
-    return uri, root
+    uri, root = default_tracking()
+    uri = t.uri or uri
+    return uri, t.artifact_root or (root if uri.startswith("sqlite:") else None)
 
 
 def _open_tracking(spec: SweepSpec, name: str, sweep_dir: Path, state: dict[str, Any] | None):
     from mlflow.tracking import MlflowClient
 
-    uri, root = default_tracking(spec) if state is None else (state["tracking_uri"], None)
+    uri, root = tracking_of(spec) if state is None else (state["tracking_uri"], None)
     client = MlflowClient(tracking_uri=uri)
     try:
         if state is not None:
@@ -194,7 +195,7 @@ def sweep_summary(sweep_dir: Path) -> str:
         lines.append(report.format_best(best, objectives, list(spec.sweep.search)))
     lines.append(f"reports: {sweep_dir}/trials.csv, pareto.png, progression.png (also on the MLflow parent run)")
     uri = state["tracking_uri"]
-    ui = "csc ui" if uri == f"sqlite:///{Path('mlflow.db').resolve()}" else f"csc ui --uri {uri}"
+    ui = "csc ui" if uri == default_tracking()[0] else f"csc ui --uri {uri}"
     lines.append(f"MLflow: experiment {state['experiment_id']}, parent run {state['parent_run_id']}; "
                  f"open it with: {ui}")
     return "\n".join(lines)
