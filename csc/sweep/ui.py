@@ -80,7 +80,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1 for a tracking store, as a context manager; `.url` answers once it is entered."""
+    """`mlflow server` on 127.0.0.1 for a tracking store, as a context manager (`.url` answers inside it)."""
 
     def __init__(self, backend_store_uri: str, artifact_root: str | None = None, port: int | None = None,
                  start_timeout: float = 120.0, grace: float = 10.0):
