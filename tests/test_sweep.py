@@ -16,6 +16,7 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
+from csc.cli import main
 from csc.config import load_spec
 from csc.sae.export import load_exported
 from csc.sweep.run import run_sweep
@@ -57,7 +58,7 @@ def in_tmp(tmp_path, monkeypatch):
     ray.shutdown()
 
 
-def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, cache):
+def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, cache, capsys):
     points = [{"trainer.beta": 0.001, "trainer.lr": 1e-3},
               {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: ASHA stops it
               {"trainer.beta": 0.005, "trainer.lr": 1e20}]  # outside the searched range; diverges at step 2
@@ -113,6 +114,13 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert "DivergenceError" in failed.data.tags["csc.failure_reason"]
     error = Path(client.download_artifacts(failed.info.run_id, "error.txt", str(in_tmp / "dl"))).read_text()
     assert 'csc/sae/trainer.py", line' in error and "in _check_finite" in error and "\x1b[" not in error
+
+    capsys.readouterr()
+    assert main(["report", str(result.sweep_dir)]) == 0
+    summary = capsys.readouterr().out
+    assert summary.startswith("sweep 'tiny': 5 of 5 trials: ") and "1 failed" in summary
+    assert "the LM made 6 shards" in summary and "best trials (ev max, l0 min; the Pareto set):" in summary
+    assert "\ntrial_0" in summary.split("the Pareto set")[1] and "open it with: csc ui\n" in summary
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
@@ -173,6 +181,9 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
     assert sorted(r["trial"] for r in trials) == sorted(after)
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "holds a sweep: pass --resume to continue it" in again.stderr
 
 
 @pytest.mark.slow

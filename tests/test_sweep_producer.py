@@ -2,6 +2,7 @@
 real Ray actor) restart after its process dies."""
 
 import threading
+import time
 
 import pytest
 import ray
@@ -83,11 +84,19 @@ def test_actor_restarts_after_its_process_dies_and_readers_carry_on(cache, local
     actor = start_producer(spec, "restart-test", cpus=0.5, gpus=0, memory_mb=64, prefetch=1, max_restarts=2)
     reader = RemoteActivations(spec, "restart-test")
     before = reader.shard("train", 0)
-    reader.shard("train", 1)  # both shards are on disk before the kill
-    pid = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+    reader.shard("train", 1)
+    reader.shard("eval", 0)  # every shard is on disk before the kill; the reader's prefetch is eval 0
+
+    def pid():
+        return ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+
+    old = pid()
     ray.kill(actor, no_restart=False)  # the process dies as it would on an OOM kill
-    after = reader.shard("train", 0)  # retried on the restarted actor
+    deadline = time.monotonic() + 60
+    while pid() == old:  # calls made while it restarts are retried, not failed
+        assert time.monotonic() < deadline, "the producer was not restarted"
+        time.sleep(0.2)
+    after = reader.shard("train", 0)  # the same reader, on the restarted actor
     assert torch.equal(before.acts, after.acts)
-    assert ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid())) != pid
     stats = ray.get(actor.stats.remote())
     assert stats["lm_shards_computed"] == 0, "the restarted producer reads the disk cache"

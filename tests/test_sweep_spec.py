@@ -81,3 +81,13 @@ def test_cli_refuses_a_bad_spec_before_ray_starts(tmp_path, capsys):
     assert main(["sweep", str(write(tmp_path, data)), "--out", str(tmp_path / "runs")]) == 2
     assert "sweep.max_concurrent: Input should be a valid integer" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+def test_cli_refuses_a_layer_the_model_lacks_before_ray_or_mlflow_start(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, BASE)
+    assert main(["sweep", str(path), "--set", "activations.layer=9", "--out", str(tmp_path / "runs")]) == 2
+    assert "activations.layer 9 is out of range: 'tiny-gemma2' has 4 layers" in capsys.readouterr().err
+    assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

@@ -16,11 +16,12 @@ from typing import Any
 import ray
 from ray import tune
 
+from csc.activations.source import Activations
 from csc.errors import CscError
 from csc.sweep import report
 from csc.sweep.producer import NAMESPACE, start_producer
 from csc.sweep.spec import SweepSpec
-from csc.sweep.tracking import TRIALS_FILE, MlflowTrials, flat_params, trial_name
+from csc.sweep.tracking import TRIALS_FILE, MlflowTrials, error_reason, flat_params, trial_name
 from csc.sweep.trial import run_trial
 from csc.sweep.ui import default_tracking
 
@@ -107,27 +108,12 @@ def _scheduler(spec: SweepSpec):
                          grace_period=a.grace_period, reduction_factor=a.reduction_factor)
 
 
-def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1) -> SweepResult:
-    sweep_dir = (out / name).resolve()
-    state_path = sweep_dir / STATE_FILE
-    spec_json = spec.model_dump_json()
-    state = None
-    if resume:
-        if not state_path.is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
-            raise CscError(f"--resume: no sweep to resume in {sweep_dir} (run it once without --resume)")
-        state = json.loads(state_path.read_text())
-        if state["spec"] != json.loads(spec_json):
-            raise CscError(f"--resume: {sweep_dir} was started with a different spec; resume with the same spec "
-                           f"or start a new sweep (another --out or sweep.name)")
-    elif sweep_dir.exists():
-        raise CscError(f"sweep folder {sweep_dir} exists: pass --resume to continue that sweep, "
-                       f"or choose another --out or sweep.name")
-
-    client, uri, exp_id, parent_id = _open_tracking(spec, name, sweep_dir, state)
+def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str, exp_id: str, parent_id: str,
+           state: dict[str, Any] | None, verbose: int):
+    """Ray, the producer and the Tuner (new, or restored from the sweep folder)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"spec": json.loads(spec_json), "tracking_uri": uri, "experiment_id": exp_id,
-                                      "parent_run_id": parent_id}, indent=1))
-
+    (sweep_dir / STATE_FILE).write_text(json.dumps({"spec": json.loads(spec_json), "tracking_uri": uri,
+                                                    "experiment_id": exp_id, "parent_run_id": parent_id}, indent=1))
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
@@ -137,7 +123,10 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     res, p = spec.sweep.resources, spec.sweep.producer
     producer = start_producer(spec.trial({}), name, cpus=res.producer_cpus, gpus=res.producer_gpus,
                               memory_mb=p.memory_mb, prefetch=p.prefetch, max_restarts=p.max_restarts)
-    info = ray.get(producer.info.remote())
+    try:
+        info = ray.get(producer.info.remote())
+    except ray.exceptions.RayError as e:
+        raise CscError(f"the activation producer could not start: {error_reason(str(e))}") from None
 
     tracker = MlflowTrials(uri, exp_id, parent_id, spec_json, str(sweep_dir), info["scale"])
     trainable = tune.with_resources(
@@ -155,7 +144,34 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
             run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir.parent), callbacks=[tracker],
                                       failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbose))
-    tuner.fit()
+    return tuner, producer
+
+
+def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1) -> SweepResult:
+    sweep_dir = (out / name).resolve()
+    state_path = sweep_dir / STATE_FILE
+    spec_json = spec.model_dump_json()
+    state = None
+    if resume:
+        if not state_path.is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
+            raise CscError(f"--resume: no sweep to resume in {sweep_dir} (run it once without --resume)")
+        state = json.loads(state_path.read_text())
+        if state["spec"] != json.loads(spec_json):
+            raise CscError(f"--resume: {sweep_dir} was started with a different spec; resume with the same spec "
+                           f"or start a new sweep (another --out or sweep.name)")
+    elif tune.Tuner.can_restore(str(sweep_dir)):
+        raise CscError(f"sweep folder {sweep_dir} holds a sweep: pass --resume to continue it, "
+                       f"or choose another --out or sweep.name")
+    Activations(spec.trial({}))  # the model's layer and context limits, checked before anything starts
+
+    client, uri, exp_id, parent_id = _open_tracking(spec, name, sweep_dir, state)
+    try:
+        tuner, producer = _start(spec, name, sweep_dir, spec_json, uri, exp_id, parent_id, state, verbose)
+        tuner.fit()
+    except BaseException as e:  # a sweep that never got going is recorded as such, not left RUNNING
+        client.set_tag(parent_id, "csc.failure_reason", f"{type(e).__name__}: {str(e).strip()[:1000]}")
+        client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
     stats = ray.get(producer.stats.remote())
     rows = json.loads((sweep_dir / TRIALS_FILE).read_text()) if (sweep_dir / TRIALS_FILE).is_file() else []

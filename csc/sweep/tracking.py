@@ -198,7 +198,7 @@ class MlflowTrials(Callback):
                "metrics": metrics}
         if status == Trial.ERROR:
             text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
-            row.update(outcome="failed", reason=_error_reason(text))
+            row.update(outcome="failed", reason=error_reason(text))
         elif status == Trial.TERMINATED:
             if steps >= spec.trainer.steps:
                 row["outcome"] = "finished"
@@ -237,7 +237,7 @@ def _param(key: str, value: str):
     return Param(key, value)
 
 
-def _error_reason(text: str) -> str:
+def error_reason(text: str) -> str:
     """The last line that names an exception: Ray wraps the trial's error in its own report."""
     lines = [ln.strip() for ln in ANSI.sub("", text).splitlines() if ln.strip()]
     named = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]

@@ -12,6 +12,7 @@ by their hyperparameters.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ EVAL_PREFIX = "eval/"
 
 def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: int) -> None:
     torch.set_num_threads(threads)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Checkpoint successfully created" line per report
     base = SweepSpec.model_validate_json(spec_json)
     spec = base.trial(config)
     acts = RemoteActivations(spec, sweep)
