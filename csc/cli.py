@@ -68,10 +68,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from csc.sweep.spec import SweepSpec, sweep_name
 
     spec = load_spec(SweepSpec, args.spec, args.overrides)
-    result = run_sweep(spec, sweep_name(spec, args.spec), Path(args.out), resume=args.resume, verbose=args.verbose)
+    result = run_sweep(spec, sweep_name(spec, args.spec), Path(args.out), resume=args.resume, verbose=args.verbose,
+                       address=args.address)
     print("\n" + sweep_summary(result.sweep_dir))
     if result.interrupted:
-        again = " ".join(["csc sweep", args.spec or "", *(f"--set {o}" for o in args.overrides), "--out", args.out])
+        again = " ".join(["csc sweep", args.spec or "", *(f"--set {o}" for o in args.overrides), "--out", args.out,
+                          *(["--address", args.address] if args.address else [])])
         print(f"the sweep was interrupted; continue it with: {again} --resume")
 
 
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweeps", help="folder of sweep folders (default: runs/sweeps)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune's progress output (default: 1)")
+    p.add_argument("--address", help="join this Ray cluster (HOST:PORT of its head, or 'auto'; default: "
+                                     "$RAY_ADDRESS, else a local Ray); --out must then be storage every node sees")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="reprint the summary and best trials of a sweep folder")
     p.add_argument("path", help="sweep folder written by `csc sweep` (e.g. runs/sweeps/quickstart)")

@@ -104,19 +104,23 @@ class ActivationProducer:
         self.counts["evaluations"] += 1
         return self._lm.submit(splice_run, self.spec, sae, self.acts).result()
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         with self._lock:
-            return {**self.counts, "lm_shards_computed": self.acts.lm_shards_computed,
+            # The Ray node it runs on; none when used in-process (asking would start a local Ray).
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+            return {**self.counts, "node_id": node,
+                    "lm_shards_computed": self.acts.lm_shards_computed,
                     "lm_tokens": self.acts.lm_tokens, "lm_seconds": self.acts.lm_seconds,
                     "memory_shards": len(self._memory), "memory_mb": self._held / 2**20}
 
 
 def start_producer(spec: TrainRunSpec, sweep: str, *, cpus: float, gpus: float, memory_mb: int, prefetch: int,
-                   max_restarts: int):
+                   max_restarts: int, custom: dict[str, float] | None = None):
     """Create the named producer actor (or attach to a live one of the same sweep)."""
     actor_cls = ray.remote(ActivationProducer)
     return actor_cls.options(
         name=producer_name(sweep), namespace=NAMESPACE, get_if_exists=True, num_cpus=cpus, num_gpus=gpus,
+        resources=custom or None,
         max_restarts=max_restarts, max_task_retries=-1,  # calls in flight when it dies are retried on the restart
         max_concurrency=16,  # trials wait on shards in parallel; LM work is serialised inside
     ).remote(spec.model_dump_json(), memory_mb, prefetch)

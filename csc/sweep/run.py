@@ -109,7 +109,7 @@ def _scheduler(spec: SweepSpec):
 
 
 def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str, exp_id: str, parent_id: str,
-           state: dict[str, Any] | None, verbose: int):
+           state: dict[str, Any] | None, verbose: int, address: str | None):
     """Ray, the producer and the Tuner (new, or restored from the sweep folder)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / STATE_FILE).write_text(json.dumps({"spec": json.loads(spec_json), "tracking_uri": uri,
@@ -117,12 +117,17 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
-        # RAY_ADDRESS (e.g. set by `ray job submit`) joins a cluster; otherwise a local one starts.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), namespace=NAMESPACE, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+        # An address (or RAY_ADDRESS, which `ray job submit` sets) joins a cluster; else a local one starts.
+        try:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), namespace=NAMESPACE, include_dashboard=False,
+                     log_to_driver=True, configure_logging=False)
+        except ConnectionError as e:
+            raise CscError(f"--address {address or os.environ.get('RAY_ADDRESS')}: cannot join the Ray cluster: "
+                           f"{str(e).strip().splitlines()[0]}") from None
     res, p = spec.sweep.resources, spec.sweep.producer
     producer = start_producer(spec.trial({}), name, cpus=res.producer_cpus, gpus=res.producer_gpus,
-                              memory_mb=p.memory_mb, prefetch=p.prefetch, max_restarts=p.max_restarts)
+                              memory_mb=p.memory_mb, prefetch=p.prefetch, max_restarts=p.max_restarts,
+                              custom=res.producer_custom)
     try:
         info = ray.get(producer.info.remote())
     except ray.exceptions.RayError as e:
@@ -131,7 +136,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     tracker = MlflowTrials(uri, exp_id, parent_id, spec_json, str(sweep_dir), info["scale"])
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec_json, sweep=name, threads=max(1, round(res.trial_cpus))),
-        {"cpu": res.trial_cpus, "gpu": res.trial_gpus})
+        {"cpu": res.trial_cpus, "gpu": res.trial_gpus, **res.trial_custom})
     if state is not None:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
     else:
@@ -147,7 +152,9 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     return tuner, producer
 
 
-def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1) -> SweepResult:
+def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1,
+              address: str | None = None) -> SweepResult:
+    """Run (or resume) the sweep; `out` must be storage every node sees when `address` names a cluster."""
     sweep_dir = (out / name).resolve()
     state_path = sweep_dir / STATE_FILE
     spec_json = spec.model_dump_json()
@@ -166,7 +173,7 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
 
     client, uri, exp_id, parent_id = _open_tracking(spec, name, sweep_dir, state)
     try:
-        tuner, producer = _start(spec, name, sweep_dir, spec_json, uri, exp_id, parent_id, state, verbose)
+        tuner, producer = _start(spec, name, sweep_dir, spec_json, uri, exp_id, parent_id, state, verbose, address)
         tuner.fit()
     except BaseException as e:  # a sweep that never got going is recorded as such, not left RUNNING
         client.set_tag(parent_id, "csc.failure_reason", f"{type(e).__name__}: {str(e).strip()[:1000]}")
@@ -178,7 +185,9 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     interrupted = len(rows) < spec.sweep.num_samples or any(r["outcome"] == "running" for r in rows)
     from mlflow.entities import Metric
 
-    client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()])
+    client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()
+                                         if isinstance(v, (int, float))])
+    client.set_tag(parent_id, "csc.producer_node", stats["node_id"])
     state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "producer": stats,
                                       "interrupted": interrupted}, indent=1))
     client.set_tag(parent_id, "csc.interrupted", str(interrupted).lower())

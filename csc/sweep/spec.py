@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from csc.config import Spec, TrainRunSpec
 
@@ -87,6 +87,20 @@ class ResourcesSpec(Spec):
     """CPUs reserved for the activation producer actor."""
     producer_gpus: float = Field(0.0, ge=0)
     """GPUs for the producer (the LM); a fraction leaves room for trials on the same GPU."""
+    producer_custom: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources the producer needs, e.g. {lm_node: 1} to place it on the node started with
+    `ray start --resources='{"lm_node": 1}'`."""
+    trial_custom: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources every trial needs (places trials on the nodes that advertise them)."""
+
+    @field_validator("producer_custom", "trial_custom")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if amount <= 0 or name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"{name}: give a custom resource with a positive amount "
+                                 f"(CPUs and GPUs have their own fields)")
+        return v
 
 
 class ProducerSpec(Spec):

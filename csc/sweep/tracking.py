@@ -120,7 +120,7 @@ class MlflowTrials(Callback):
         _guarded(trial, self._error, trial)
 
     def _log_result(self, trial: Trial, result: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         run_id = self.run_id(trial)
         step = int(result.get("step", 0))
@@ -129,7 +129,8 @@ class MlflowTrials(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if (k in LOGGED or k.startswith("eval/")) and isinstance(v, (int, float))]
-        self.client.log_batch(run_id, metrics=metrics)
+        tags = [RunTag("csc.node_id", result["node_id"])] if "node_id" in result else []  # where it trained last
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._last_step[run_id] = step
 
     def _complete(self, trial: Trial) -> None:

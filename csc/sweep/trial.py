@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -38,6 +39,7 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
     acts = RemoteActivations(spec, sweep)
     sae_cfg = spec.sae.model_copy(update={"d_in": acts.d_model})
 
+    node_id = ray.get_runtime_context().get_node_id()
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
@@ -49,7 +51,7 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
 
     sums: dict[str, float] = {}
     n, t0, tokens0 = 0, time.perf_counter(), trainer.tokens
-    report: dict[str, float] = {"step": float(trainer.step), "tokens": float(trainer.tokens)}
+    report: dict[str, Any] = {"step": float(trainer.step), "tokens": float(trainer.tokens)}
     for batch in stream if not trainer.done else ():
         m = trainer.update(trainer.step, batch)
         for key in m:
@@ -58,6 +60,7 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
         if trainer.step % spec.trainer.log_every == 0 or trainer.done:
             report = {k: v / n for k, v in sums.items()}
             report.update({k: m[k] for k in ("step", "tokens", "lr", "alpha", "beta", "gamma")})
+            report["node_id"] = node_id  # which Ray node trained it (Tune's own node_ip is one per machine)
             report["tokens_per_s"] = (trainer.tokens - tokens0) / (time.perf_counter() - t0)
             sums, n, t0, tokens0 = {}, 0, time.perf_counter(), trainer.tokens
             if trainer.done:

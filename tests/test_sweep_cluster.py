@@ -1,0 +1,117 @@
+"""A sweep on a real two-node Ray cluster on 127.0.0.1: `ray start --head` and `ray start --address` as
+separate processes, one node advertising the custom resource that stands for the GPU node. The producer
+must run there and the trials on the other node; results and checkpoints land in the sweep's storage
+path; the sweep logs over HTTP to a real `mlflow server`. Every process the test starts is stopped by
+its process group, by PID."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from csc.sweep.ui import MlflowServer, _group_alive, free_port
+from tests.test_sweep import child_runs, tiny_sweep
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class RayNode:
+    """`ray start --block ...` in a session of its own, so that stopping it ends exactly its processes."""
+
+    def __init__(self, log: Path, env: dict[str, str], *args: str):
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if not _group_alive(self.proc.pid):
+                break
+            os.killpg(self.proc.pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and (self.proc.poll() is None or _group_alive(self.proc.pid)):
+                time.sleep(0.2)
+        assert not _group_alive(self.proc.pid), f"processes of {self.log.name} outlived the test"
+
+
+NODES = """
+import json, ray
+ray.init(address="{address}", include_dashboard=False, configure_logging=False, logging_level="ERROR")
+print(json.dumps({{n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}}))
+"""
+
+
+def wait_for_nodes(address: str, n: int, nodes: list[RayNode], env: dict[str, str],
+                   timeout: float = 120) -> dict[str, dict]:
+    """The cluster's alive nodes (id: resources), once there are n of them; asked by a client process
+    of its own, as the sweep's driver will be."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for node in nodes:
+            assert node.proc.poll() is None, f"ray start exited early:\n{node.log.read_text()[-3000:]}"
+        got = subprocess.run([sys.executable, "-c", NODES.format(address=address)], env=env,
+                             capture_output=True, text=True, timeout=60)
+        if got.returncode == 0:
+            alive = json.loads(got.stdout.strip().splitlines()[-1])
+            if len(alive) >= n:
+                return alive
+        assert time.monotonic() < deadline, f"the cluster did not reach {n} nodes:\n{got.stderr[-3000:]}"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_sweep_on_a_two_node_cluster_with_an_mlflow_server(tmp_path, cache):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # A token of the test's own: the cluster admits only processes that present it (Ray's token auth).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    common = ["--node-ip-address=127.0.0.1", "--min-worker-port=0", "--max-worker-port=0"]
+    nodes = [RayNode(tmp_path / "head.log", env, "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                     "--include-dashboard=false", *common)]
+    try:
+        wait_for_nodes(address, 1, nodes, env)
+        nodes.append(RayNode(tmp_path / "lm-node.log", env, f"--address={address}", "--num-cpus=1", "--num-gpus=0",
+                             '--resources={"lm_node": 1}', *common))
+        alive = wait_for_nodes(address, 2, nodes, env)
+        lm_node = next(i for i, resources in alive.items() if resources.get("lm_node"))
+        other = next(i for i in alive if i != lm_node)
+
+        with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts")) as server:
+            spec = tiny_sweep(tmp_path, cache, num_samples=3, max_concurrent=2,
+                              resources={"trial_cpus": 1, "producer_cpus": 1, "producer_custom": {"lm_node": 1}},
+                              tracking={"uri": server.url})
+            out = tmp_path / "shared" / "runs"  # one folder both nodes see, as NFS would be on a real cluster
+            done = subprocess.run([sys.executable, "-m", "csc.cli", "sweep", str(spec), "--out", str(out),
+                                   "--address", address, "--verbose", "0"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+            state = json.loads((out / "tiny" / "csc_sweep.json").read_text())
+            client = MlflowClient(server.url)
+            runs = child_runs(client, state["experiment_id"], state["parent_run_id"])
+            parent = client.get_run(state["parent_run_id"])
+            parent_artifacts = {a.path for a in client.list_artifacts(state["parent_run_id"])}
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+
+    assert state["producer"]["node_id"] == lm_node, "the producer runs on the node with the lm_node resource"
+    assert state["producer"]["lm_shards_computed"] == 6
+    assert parent.info.status == "FINISHED" and parent.data.tags["csc.producer_node"] == lm_node
+    assert sorted(runs) == ["trial_01", "trial_02", "trial_03"]
+    for name, run in runs.items():
+        assert run.info.status in ("FINISHED", "KILLED")
+        assert run.data.tags["csc.node_id"] == other, f"{name} trained on the node without lm_node"
+        trial_dir = out / "tiny" / name
+        results = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines()]
+        assert {r["node_id"] for r in results} == {other}
+        assert any(p.name.startswith("checkpoint_") for p in trial_dir.iterdir()), f"{name}: no checkpoint"
+    assert {"trials.csv", "pareto.png"} <= parent_artifacts
