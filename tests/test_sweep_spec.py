@@ -91,3 +91,17 @@ def test_cli_refuses_a_layer_the_model_lacks_before_ray_or_mlflow_start(tmp_path
     assert main(["sweep", str(path), "--set", "activations.layer=9", "--out", str(tmp_path / "runs")]) == 2
     assert "activations.layer 9 is out of range: 'tiny-gemma2' has 4 layers" in capsys.readouterr().err
     assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_cli_refuses_an_unreachable_mlflow_server_before_any_compute(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from csc.sweep.ui import free_port
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, BASE)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["sweep", str(path), "--set", f"sweep.tracking.uri={url}", "--set", "activations.layer=2",
+                 "--out", str(tmp_path / "runs")]) == 2
+    assert f"sweep.tracking.uri {url}: no MLflow server answers there" in capsys.readouterr().err
+    assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,25 @@ def tracking_of(spec: SweepSpec) -> tuple[str, str | None]:
     return uri, t.artifact_root or (root if uri.startswith("sqlite:") else None)
 
 
+def _check_server(uri: str) -> None:
+    """Fail in seconds, before any compute: MLflow's client would retry an absent server for minutes."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
+            if r.status == 200:
+                return
+            reason = f"HTTP {r.status}"
+    except (OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise CscError(f"sweep.tracking.uri {uri}: no MLflow server answers there ({reason}); start one "
+                   f"(`csc ui --uri sqlite:///mlflow.db`, or deploy/mlflow) or fix the URI")
+
+
 def _open_tracking(spec: SweepSpec, name: str, sweep_dir: Path, state: dict[str, Any] | None):
     from mlflow.tracking import MlflowClient
 
     uri, root = tracking_of(spec) if state is None else (state["tracking_uri"], None)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         if state is not None:
