@@ -169,7 +169,8 @@ def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
+            # Keys are the user's text: one with a newline or tab in it is shown quoted.
+            loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"

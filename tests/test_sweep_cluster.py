@@ -68,8 +68,23 @@ def wait_for_nodes(address: str, n: int, nodes: list[RayNode], env: dict[str, st
         time.sleep(1)
 
 
+@pytest.fixture
+def keep_ray_address_file():
+    """`ray start --head` records its address in /tmp/ray/ray_current_cluster for later `ray.init()`s;
+    killing the nodes leaves it behind, naming a dead cluster. Put back what was there."""
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    before = path.read_text() if path.is_file() else None
+    yield
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(before)
+
+
 @pytest.mark.slow
-def test_sweep_on_a_two_node_cluster_with_an_mlflow_server(tmp_path, cache):
+def test_sweep_on_a_two_node_cluster_with_an_mlflow_server(tmp_path, cache, keep_ray_address_file):
     port = free_port()
     address = f"127.0.0.1:{port}"
     # A token of the test's own: the cluster admits only processes that present it (Ray's token auth).

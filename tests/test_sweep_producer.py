@@ -74,7 +74,7 @@ def test_a_bad_shard_request_fails_the_caller_only(cache):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="csc-test")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="csc-test")
     yield
     ray.shutdown()
 

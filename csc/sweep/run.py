@@ -133,12 +133,14 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
-        # An address (or RAY_ADDRESS, which `ray job submit` sets) joins a cluster; else a local one starts.
+        # An address (or RAY_ADDRESS, which `ray job submit` sets) joins a cluster. Else a local one starts:
+        # "local", because address=None would join whatever cluster `ray start` last recorded, dead or not.
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         try:
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), namespace=NAMESPACE, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
+            ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
         except ConnectionError as e:
-            raise CscError(f"--address {address or os.environ.get('RAY_ADDRESS')}: cannot join the Ray cluster: "
+            raise CscError(f"--address {address}: cannot join the Ray cluster: "
                            f"{str(e).strip().splitlines()[0]}") from None
     res, p = spec.sweep.resources, spec.sweep.producer
     producer = start_producer(spec.trial({}), name, cpus=res.producer_cpus, gpus=res.producer_gpus,

@@ -9,7 +9,8 @@ stopped_early and the reason in csc.stop_reason (the scheduler stopped it), or F
 line of the error in csc.failure_reason and the whole traceback as error.txt. Its artifacts are the
 exported SAE (sae/: safetensors + cfg.json, from the trial's last checkpoint), curves.png and, for
 finished trials, eval.json. Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
-and never logs a step twice.
+and never logs a step twice; a trial that Tune retries after a failure (sweep.max_failures) keeps its run,
+tagged csc.retries and csc.last_retry_reason.
 """
 
 from __future__ import annotations
@@ -118,6 +119,16 @@ class MlflowTrials(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info):
         _guarded(trial, self._error, trial)
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info):
+        _guarded(trial, self._recover, trial)
+
+    def _recover(self, trial: Trial) -> None:
+        """Tune retries the trial from its last checkpoint: the same run goes on, and says so."""
+        run_id = self.run_id(trial)
+        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
+        self.client.set_tag(run_id, "csc.retries", str(trial.run_metadata.num_failures))
+        self.client.set_tag(run_id, "csc.last_retry_reason", error_reason(text)[:5000])
 
     def _log_result(self, trial: Trial, result: dict) -> None:
         from mlflow.entities import Metric, RunTag

@@ -50,19 +50,20 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
     stream = training_stream(acts, spec.trainer.batch_size, base.trainer.seed, start=trainer.batches_consumed)
 
     sums: dict[str, float] = {}
-    n, t0, tokens0 = 0, time.perf_counter(), trainer.tokens
+    counts: dict[str, int] = {}  # per key: nce is absent while gamma is still 0 in its warm-up
+    t0, tokens0 = time.perf_counter(), trainer.tokens
     report: dict[str, Any] = {"step": float(trainer.step), "tokens": float(trainer.tokens)}
     for batch in stream if not trainer.done else ():
         m = trainer.update(trainer.step, batch)
         for key in m:
             sums[key] = sums.get(key, 0.0) + m[key]
-        n += 1
+            counts[key] = counts.get(key, 0) + 1
         if trainer.step % spec.trainer.log_every == 0 or trainer.done:
-            report = {k: v / n for k, v in sums.items()}
+            report = {k: v / counts[k] for k, v in sums.items()}
             report.update({k: m[k] for k in ("step", "tokens", "lr", "alpha", "beta", "gamma")})
             report["node_id"] = node_id  # which Ray node trained it (Tune's own node_ip is one per machine)
             report["tokens_per_s"] = (trainer.tokens - tokens0) / (time.perf_counter() - t0)
-            sums, n, t0, tokens0 = {}, 0, time.perf_counter(), trainer.tokens
+            sums, counts, t0, tokens0 = {}, {}, time.perf_counter(), trainer.tokens
             if trainer.done:
                 break
             _report(report, trainer if trainer.step % spec.checkpoint_every == 0 else None)
