@@ -1,24 +1,46 @@
-"""Faults produced for real during a sweep (real Ray, real MLflow): the producer's process and a trial's
-worker process are killed mid-sweep. The producer is restarted and regenerates only what the disk cache
-lacks; the trial is retried from its last checkpoint in the same MLflow run; the sweep completes with no
-trial lost or duplicated and every reported step logged once."""
+"""Faults produced for real during a sweep (real Ray, real MLflow). The producer's process and a trial's
+worker process are killed mid-sweep: the producer is restarted and regenerates only what the disk cache
+lacks, the trial is retried from its last checkpoint in the same MLflow run, and the sweep completes with
+no trial lost or duplicated and every reported step logged once. The driver is killed outright: --resume
+finishes the sweep into the same MLflow runs."""
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
 from csc.config import load_spec
 from csc.sweep.producer import NAMESPACE, producer_name
 from csc.sweep.run import run_sweep
 from csc.sweep.spec import SweepSpec
+from csc.sweep.ui import _group_alive
 from tests.test_sweep import child_runs, tiny_sweep
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from /proc's parent links."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier]
+        found += kids
+        frontier = kids
+    return found
 
 
 def last_result(trial_dir: Path) -> dict | None:
@@ -71,3 +93,60 @@ def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkey
     for run in runs.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == list(range(50, 2001, 50)), f"{run.info.run_name}: every step once"
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
+    """SIGKILL of `csc sweep` (its whole process group: the driver and the local Ray it started), then
+    `csc sweep --resume`: the sweep finishes into the same parent and child runs, none duplicated."""
+    spec_path = tiny_sweep(tmp_path, cache, num_samples=4, max_concurrent=2, scheduler=None)
+    data = yaml.safe_load(spec_path.read_text())
+    data["trainer"].update(steps=400, log_every=20)
+    data["checkpoint_every"] = 40
+    spec_path.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def finished() -> int:
+        try:
+            return sum(r.info.status == "FINISHED" for r in client.search_runs(
+                ["1"], filter_string="tags.`csc.trial_id` != ''"))
+        except Exception:  # the store is not created yet
+            return 0
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while finished() < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial finished"
+            time.sleep(1)
+    finally:
+        started = descendants(proc.pid)  # the local Ray it started, wherever Ray put their sessions
+        os.killpg(proc.pid, signal.SIGKILL)  # no clean-up of any kind, as on a lost machine
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid)
+    state = json.loads((tmp_path / "runs" / "tiny" / "csc_sweep.json").read_text())
+    before = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # nobody could say otherwise
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             start_new_session=True)
+    assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-5000:]
+    after = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    assert sorted(after) == ["trial_01", "trial_02", "trial_03", "trial_04"]
+    assert len(client.search_runs([state["experiment_id"]])) == 5, "one parent and four children, no copies"
+    assert all(after[n].info.run_id == r.info.run_id for n, r in before.items())
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    for run in after.values():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(20, 401, 20)), f"{run.info.run_name}: every step once"
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
