@@ -58,11 +58,13 @@ def in_tmp(tmp_path, monkeypatch):
     ray.shutdown()
 
 
-def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, cache, capsys):
+def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, cache, capsys, monkeypatch):
     points = [{"trainer.beta": 0.001, "trainer.lr": 1e-3},
               {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: ASHA stops it
               {"trainer.beta": 0.005, "trainer.lr": 1e20}]  # outside the searched range; diverges at step 2
     spec = load_spec(SweepSpec, tiny_sweep(in_tmp, cache, points_to_evaluate=points))
+    secret = "hf_csc_sentinel_0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)  # every Ray worker inherits it; nothing may record it
     result = run_sweep(spec, "tiny", in_tmp / "runs", verbose=0)
 
     rows = {r["trial"]: r for r in result.rows}
@@ -115,7 +117,12 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     error = Path(client.download_artifacts(failed.info.run_id, "error.txt", str(in_tmp / "dl"))).read_text()
     assert 'csc/sae/trainer.py", line' in error and "in _check_finite" in error and "\x1b[" not in error
 
-    capsys.readouterr()
+    for run in [parent, *runs.values()]:
+        assert not any(secret in v for v in [*run.data.params.values(), *run.data.tags.values()])
+    for path in [*(in_tmp / "runs").rglob("*"), *(in_tmp / "mlartifacts").rglob("*")]:
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+    assert secret not in "".join(capsys.readouterr())
+
     assert main(["report", str(result.sweep_dir)]) == 0
     summary = capsys.readouterr().out
     assert summary.startswith("sweep 'tiny': 5 of 5 trials: ") and "1 failed" in summary

@@ -7,12 +7,14 @@ before Ray starts, so a typo never costs a cluster start-up.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from csc.config import Spec, TrainRunSpec
+from csc.errors import SpecError
 
 REPORT_METRICS = ("loss", "mse", "l1", "nce", "ev", "l0", "dead_frac")
 """What every report of a trial carries (averages over the steps since the previous report); only these
@@ -122,9 +124,14 @@ class TrackingSpec(Spec):
     """MLflow experiment name. Default: the sweep's name."""
 
 
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+"""A sweep name is a folder name under --out: no separators, no leading dot, so it cannot leave it."""
+
+
 class SweepSection(Spec):
-    name: str | None = None
-    """Sweep name: the output folder and the MLflow parent run. Default: the spec file's stem."""
+    name: str | None = Field(None, pattern=SAFE_NAME)
+    """Sweep name: the output folder and the MLflow parent run. Default: the spec file's stem.
+    Letters, digits, '.', '_' and '-', not starting with '.' or '-'."""
     num_samples: int = Field(8, ge=1)
     """Trials to run, including `points_to_evaluate`."""
     max_concurrent: int = Field(2, ge=1)
@@ -204,4 +211,8 @@ def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
 
 
 def sweep_name(spec: SweepSpec, path: str | Path | None) -> str:
-    return spec.sweep.name or (Path(path).stem if path else "sweep")
+    name = spec.sweep.name or (Path(path).stem if path else "sweep")
+    if not re.match(SAFE_NAME, name):
+        raise SpecError(f"{path}: the sweep is named after the file, and {name!r} is not a plain folder name: "
+                        f"set sweep.name (letters, digits, '.', '_', '-')")
+    return name
