@@ -79,3 +79,15 @@ def test_broken_checkpoints_are_refused(tmp_path):
     state.write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="not_there"):
         load_checkpoint(tmp_path / "c")
+
+
+def test_a_flipped_byte_in_the_tensors_is_refused(tmp_path):
+    t = Trainer(SaeConfig(d_in=D, dict_size=64), TrainerConfig(steps=3, device="cpu"))
+    t.train(sparse_dictionary_batches(D, N_FEAT, B, 3))
+    save_checkpoint(t, tmp_path / "c")
+    f = tmp_path / "c" / "trainer_state.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor: safetensors itself would load it without complaint
+    f.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="trainer_state.safetensors fails its checksum"):
+        load_checkpoint(tmp_path / "c")

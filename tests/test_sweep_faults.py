@@ -22,7 +22,7 @@ from csc.config import load_spec
 from csc.sweep.producer import NAMESPACE, producer_name
 from csc.sweep.run import run_sweep
 from csc.sweep.spec import SweepSpec
-from csc.sweep.ui import _group_alive
+from csc.sweep.ui import MlflowServer, _group_alive, free_port
 from tests.test_sweep import child_runs, tiny_sweep
 
 
@@ -150,3 +150,60 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == list(range(20, 401, 20)), f"{run.info.run_name}: every step once"
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cache, monkeypatch, capsys):
+    """The tracking server is stopped while trials train and started again on the same store: training
+    never waits for it, and every record made meanwhile reaches MLflow once it answers."""
+    monkeypatch.chdir(tmp_path)
+    store, root, port = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts"), free_port()
+    path = tiny_sweep(tmp_path, cache, num_samples=2, max_concurrent=2, scheduler=None,
+                      tracking={"uri": f"http://127.0.0.1:{port}"})
+    data = json.loads(json.dumps(load_spec(SweepSpec, path).model_dump(mode="json")))
+    data["trainer"].update(steps=6000, log_every=100)
+    data["checkpoint_every"] = 1000
+    spec = SweepSpec.model_validate(data)
+    trial_dir = tmp_path / "runs" / "outage" / "trial_01"
+
+    def wait_step(step: int, thread: threading.Thread) -> None:
+        deadline = time.monotonic() + 300
+        while (r := last_result(trial_dir)) is None or r["step"] < step:
+            assert thread.is_alive() and time.monotonic() < deadline, f"trial_01 never reached step {step}"
+            time.sleep(0.2)
+
+    server = MlflowServer(store, root, port=port)
+    server.start()
+    ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False)
+    try:
+        out: dict = {}
+        sweep = threading.Thread(target=lambda: out.update(result=run_sweep(spec, "outage", tmp_path / "runs",
+                                                                             verbose=0)))
+        sweep.start()
+        wait_step(500, sweep)
+        server.stop()
+        wait_step(2500, sweep)  # trained and reported while MLflow was down
+        assert last_result(trial_dir)["step"] < 6000, "trial_01 finished during the outage: make it longer"
+        server = MlflowServer(store, root, port=port)
+        server.start()
+        sweep.join(timeout=600)
+        assert not sweep.is_alive() and "result" in out, "the sweep did not complete"
+        result = out["result"]
+        client = MlflowClient(server.url)
+        runs = child_runs(client, result.experiment_id, result.parent_run_id)
+        histories = {n: [m.step for m in client.get_metric_history(r.info.run_id, "loss")] for n, r in runs.items()}
+        arts = {n: {a.path for a in client.list_artifacts(r.info.run_id, "sae")} for n, r in runs.items()}
+        parent = client.get_run(result.parent_run_id)
+    finally:
+        server.stop()
+        ray.shutdown()
+
+    printed = capsys.readouterr().out
+    assert "csc: MLflow failed" in printed and "csc: MLflow answers again" in printed
+    assert parent.info.status == "FINISHED" and sorted(runs) == ["trial_01", "trial_02"]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    for name, steps in histories.items():
+        assert steps == list(range(100, 6001, 100)), f"{name}: every report reached MLflow once"
+        assert arts[name] == {"sae/cfg.json", "sae/sae_weights.safetensors"}
+        assert (tmp_path / "runs" / "outage" / name / "sae" / "cfg.json").is_file(), "kept locally too"
+    assert not (tmp_path / "runs" / "outage" / "mlflow_unsent.json").exists()

@@ -105,3 +105,22 @@ def test_cli_refuses_an_unreachable_mlflow_server_before_any_compute(tmp_path, m
                  "--out", str(tmp_path / "runs")]) == 2
     assert f"sweep.tracking.uri {url}: no MLflow server answers there" in capsys.readouterr().err
     assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_cli_refuses_an_empty_corpus_and_a_dictionary_beyond_memory_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    path = write(tmp_path, BASE)
+    assert main(["sweep", str(path), "--set", "activations.layer=2", "--set", f"corpus.source={empty}",
+                 "--out", str(tmp_path / "runs")]) == 2
+    assert f"csc: error: corpus.source '{empty}'" in capsys.readouterr().err
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["sweep"]["search"]["sae.dict_size"]["values"] = [128, 400_000_000]
+    path = write(tmp_path, data)
+    assert main(["sweep", str(path), "--set", "activations.layer=2", "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "sae.dict_size up to 400000000: 2 trials at once need about" in err and "GiB" in err
+    assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "s.yaml"]

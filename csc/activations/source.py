@@ -78,12 +78,16 @@ class Activations:
     @property
     def lm(self) -> LanguageModel:
         if self._lm is None:
-            for split in SPLITS:
-                if next(documents(self.spec.corpus, split), None) is None:
-                    raise InputError(f"corpus.source {self.spec.corpus.source!r} has no text in its {split} part "
-                                     f"(no non-empty document{'' if split == 'train' else ' held out by corpus.holdout_fraction'})")
+            self.check_corpus_has_text()
             self._lm = load_language_model(self.spec.model, self.spec.activations.cache_root)
         return self._lm
+
+    def check_corpus_has_text(self) -> None:
+        """Raise before any model is loaded when a split of the corpus has no document."""
+        for split in SPLITS:
+            if next(documents(self.spec.corpus, split), None) is None:
+                raise InputError(f"corpus.source {self.spec.corpus.source!r} has no text in its {split} part "
+                                 f"(no non-empty document{'' if split == 'train' else ' held out by corpus.holdout_fraction'})")
 
     def _stream(self, split: Split) -> ContextStream:
         if split not in self._streams:

@@ -4,11 +4,12 @@ A checkpoint is a folder with two files:
 - trainer_state.safetensors: model weights (model.*), Adam moments and step counts flattened as
   optim.<param index>.<name>, the dead-latent counters, torch's RNG state(s);
 - trainer_state.json: both configs, step, tokens, loss-weighting state, Adam's param-group
-  hyperparameters and the last metrics.
+  hyperparameters, the last metrics and the sha256 of the tensors file (checked before loading).
 Resuming and training on (feeding the stream from `batches_consumed` on) gives the same weights,
 bit for bit, as never having stopped.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -56,9 +57,18 @@ def save_checkpoint(trainer: Trainer, path: str | Path) -> None:
     # Write both under temporary names first so an interrupted save never leaves a mixed pair.
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
               str(path / (TENSORS_FILE + ".tmp")))
+    meta["tensors_sha256"] = _sha256(path / (TENSORS_FILE + ".tmp"))
     (path / (STATE_FILE + ".tmp")).write_text(json.dumps(meta, indent=2))
     os.replace(path / (TENSORS_FILE + ".tmp"), path / TENSORS_FILE)
     os.replace(path / (STATE_FILE + ".tmp"), path / STATE_FILE)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | Path, device: str | None = None) -> Trainer:
@@ -69,6 +79,9 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> Trainer:
     meta = json.loads((path / STATE_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise CacheError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    if meta.get("tensors_sha256") != _sha256(path / TENSORS_FILE):
+        raise CacheError(f"{path / TENSORS_FILE} fails its checksum (corrupt or changed since it was saved); "
+                         f"refusing to resume from it")
     tensors = load_file(str(path / TENSORS_FILE))
     try:
         sae_cfg = SaeConfig.model_validate(meta["sae_config"])

@@ -130,6 +130,10 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / STATE_FILE).write_text(json.dumps({"spec": json.loads(spec_json), "tracking_uri": uri,
                                                     "experiment_id": exp_id, "parent_run_id": parent_id}, indent=1))
+    # An absent tracking server fails a call in seconds instead of minutes of retries: the tracker keeps
+    # what could not be sent and sends it when the server answers again.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
@@ -170,6 +174,32 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     return tuner, producer
 
 
+def sae_bytes(d_model: int, dict_size: int, batch_size: int) -> int:
+    """Rough peak memory of one trial's SAE: fp32 weights, their gradients and Adam's two moments (4
+    copies of 2 * d * dict), plus about 6 [batch, dict] activations (codes, pre-activations, their
+    gradients, the partner's codes) and the [batch, batch] InfoNCE similarities."""
+    return 4 * (4 * 2 * d_model * dict_size + 6 * batch_size * dict_size + 2 * batch_size * batch_size)
+
+
+def _preflight(spec: SweepSpec, local: bool) -> None:
+    """What only shows against the model, the corpus and this machine, checked before anything starts:
+    the layer and context limits, text in both splits, and (on a local Ray) whether the largest
+    dictionary the search can pick fits in memory max_concurrent times."""
+    acts = Activations(spec.trial({}))
+    acts.check_corpus_has_text()
+    if not local:
+        return  # the cluster's nodes are not this machine
+    sizes = [spec.sae.dict_size]
+    if "sae.dict_size" in spec.sweep.search:
+        sizes += [int(v) for v in spec.sweep.search["sae.dict_size"].ends()]
+    need = sae_bytes(acts.d_model, max(sizes), spec.trainer.batch_size) * spec.sweep.max_concurrent
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * have:
+        raise CscError(f"sae.dict_size up to {max(sizes)}: {spec.sweep.max_concurrent} trials at once need about "
+                       f"{need / 2**30:.1f} GiB for their SAEs, more than this machine's {have / 2**30:.1f} GiB "
+                       f"allows; lower the dictionary size, trainer.batch_size or sweep.max_concurrent")
+
+
 def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1,
               address: str | None = None) -> SweepResult:
     """Run (or resume) the sweep; `out` must be storage every node sees when `address` names a cluster."""
@@ -187,7 +217,7 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     elif tune.Tuner.can_restore(str(sweep_dir)):
         raise CscError(f"sweep folder {sweep_dir} holds a sweep: pass --resume to continue it, "
                        f"or choose another --out or sweep.name")
-    Activations(spec.trial({}))  # the model's layer and context limits, checked before anything starts
+    _preflight(spec, local=not (address or os.environ.get("RAY_ADDRESS")))
 
     client, uri, exp_id, parent_id = _open_tracking(spec, name, sweep_dir, state)
     try:
@@ -201,15 +231,19 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     stats = ray.get(producer.stats.remote())
     rows = json.loads((sweep_dir / TRIALS_FILE).read_text()) if (sweep_dir / TRIALS_FILE).is_file() else []
     interrupted = len(rows) < spec.sweep.num_samples or any(r["outcome"] == "running" for r in rows)
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
-    client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()
-                                         if isinstance(v, (int, float))])
-    client.set_tag(parent_id, "csc.producer_node", stats["node_id"])
     state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "producer": stats,
                                       "interrupted": interrupted}, indent=1))
-    client.set_tag(parent_id, "csc.interrupted", str(interrupted).lower())
-    client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
+    try:
+        client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()
+                                             if isinstance(v, (int, float))],
+                         tags=[RunTag("csc.producer_node", stats["node_id"]),
+                               RunTag("csc.interrupted", str(interrupted).lower())])
+        client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
+    except Exception as e:  # the sweep itself is done: its folder has everything
+        print(f"csc: could not record the end of the sweep in MLflow ({type(e).__name__}); "
+              f"{state_path} has it", flush=True)
     return SweepResult(name, sweep_dir, uri, exp_id, parent_id, rows, stats, interrupted)
 
 

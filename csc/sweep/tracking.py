@@ -8,7 +8,8 @@ training step), and at the end: status FINISHED (trained all steps), KILLED with
 stopped_early and the reason in csc.stop_reason (the scheduler stopped it), or FAILED with the first
 line of the error in csc.failure_reason and the whole traceback as error.txt. Its artifacts are the
 exported SAE (sae/: safetensors + cfg.json, from the trial's last checkpoint), curves.png and, for
-finished trials, eval.json. Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
+finished trials, eval.json; sae/, curves.png and error.txt are also kept in the trial's folder of the
+sweep. If MLflow fails, calls wait in an ordered backlog until it answers again (see `_do`). Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
 and never logs a step twice; a trial that Tune retries after a failure (sweep.max_failures) keeps its run,
 tagged csc.retries and csc.last_retry_reason.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from csc.sweep.spec import REPORT_METRICS, SweepSpec
 
 LOGGED = (*REPORT_METRICS, "lr", "beta", "gamma", "tokens", "tokens_per_s")
 TRIALS_FILE = "trials.json"
+UNSENT_FILE = "mlflow_unsent.json"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error reports for terminals
 
 
@@ -65,9 +66,12 @@ class MlflowTrials(Callback):
         self.spec_json, self.sweep_dir, self.norm_scale = spec_json, sweep_dir, norm_scale
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
+        self._backlog: list[tuple[str, Any, tuple]] = []
+        self._down = False
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment; run ids are looked up again
-        return {**{k: v for k, v in self.__dict__.items() if k != "_mlflow"}, "_runs": {}, "_last_step": {}}
+        return {**{k: v for k, v in self.__dict__.items() if k != "_mlflow"}, "_runs": {}, "_last_step": {},
+                "_backlog": [], "_down": False}
 
     @property
     def client(self):
@@ -107,27 +111,51 @@ class MlflowTrials(Callback):
         self._runs[trial.trial_id] = run_id
         return run_id
 
-    # Tune turns an exception in a callback into a failure of the trial: tracking problems must not.
+    # ------------------------------------------------------------------ MLflow outages
+
+    def _do(self, what: str, fn, *args) -> None:
+        """Make one tracking call. While MLflow fails, the call and every later one wait in a backlog, in
+        order, and are sent when it answers again: Tune would turn an exception here into a failure of the
+        trial, and training must not depend on the tracking server."""
+        self._backlog.append((what, fn, args))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._backlog:
+            what, fn, args = self._backlog[0]
+            try:
+                fn(*args)
+            except Exception as e:
+                if not self._down:
+                    print(f"csc: MLflow failed ({what}: {type(e).__name__}: {str(e).strip()[:300]}); training goes "
+                          f"on and the records are sent when MLflow answers again", flush=True)
+                self._down = True
+                return
+            self._backlog.pop(0)
+        if self._down:
+            print("csc: MLflow answers again; the records kept meanwhile are sent", flush=True)
+            self._down = False
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info):
-        _guarded(trial, self.run_id, trial)
+        self._do(f"start of {trial_name(trial)}", self.run_id, trial)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info):
-        _guarded(trial, self._log_result, trial, result)
+        self._do(f"report of {trial_name(trial)}", self._log_result, trial, dict(result))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info):
-        _guarded(trial, self._complete, trial)
+        self._do(f"end of {trial_name(trial)}", self._complete, trial, self.row(trial, Trial.TERMINATED))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info):
-        _guarded(trial, self._error, trial)
+        self._do(f"failure of {trial_name(trial)}", self._error, trial, self.row(trial, Trial.ERROR))
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info):
-        _guarded(trial, self._recover, trial)
+        self._do(f"retry of {trial_name(trial)}", self._recover, trial, trial.run_metadata.num_failures)
 
-    def _recover(self, trial: Trial) -> None:
+    def _recover(self, trial: Trial, failures: int) -> None:
         """Tune retries the trial from its last checkpoint: the same run goes on, and says so."""
         run_id = self.run_id(trial)
         text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
-        self.client.set_tag(run_id, "csc.retries", str(trial.run_metadata.num_failures))
+        self.client.set_tag(run_id, "csc.retries", str(failures))
         self.client.set_tag(run_id, "csc.last_retry_reason", error_reason(text)[:5000])
 
     def _log_result(self, trial: Trial, result: dict) -> None:
@@ -144,11 +172,9 @@ class MlflowTrials(Callback):
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self._last_step[run_id] = step
 
-    def _complete(self, trial: Trial) -> None:
+    def _complete(self, trial: Trial, row: dict[str, Any]) -> None:
         run_id = self.run_id(trial)
-        row = self.row(trial, Trial.TERMINATED)
-        with tempfile.TemporaryDirectory() as d:
-            self._artifacts(trial, run_id, Path(d), row)
+        self._artifacts(trial, run_id, row)
         if row["outcome"] == "finished":
             self.client.set_tag(run_id, "csc.outcome", "finished")
             self.client.set_terminated(run_id, "FINISHED")
@@ -157,35 +183,41 @@ class MlflowTrials(Callback):
             self.client.set_tag(run_id, "csc.stop_reason", row["reason"])
             self.client.set_terminated(run_id, "KILLED")
 
-    def _error(self, trial: Trial) -> None:
+    def _error(self, trial: Trial, row: dict[str, Any]) -> None:
         run_id = self.run_id(trial)
-        row = self.row(trial, Trial.ERROR)
         self.client.set_tag(run_id, "csc.outcome", "failed")
         self.client.set_tag(run_id, "csc.failure_reason", row["reason"][:5000])
         if trial.error_file and Path(trial.error_file).is_file():
-            with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "error.txt").write_text(ANSI.sub("", Path(trial.error_file).read_text()))
-                self.client.log_artifact(run_id, str(Path(d) / "error.txt"))
+            local = self._trial_dir(trial) / "error.txt"
+            local.write_text(ANSI.sub("", Path(trial.error_file).read_text()))
+            self.client.log_artifact(run_id, str(local))
         self.client.set_terminated(run_id, "FAILED")
 
-    def _artifacts(self, trial: Trial, run_id: str, tmp: Path, row: dict[str, Any]) -> None:
+    def _trial_dir(self, trial: Trial) -> Path:
+        """Where a trial's exported SAE and plots are kept, beside its checkpoints (and sent from)."""
+        path = Path(self.sweep_dir) / trial_name(trial)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _artifacts(self, trial: Trial, run_id: str, row: dict[str, Any]) -> None:
         spec = self.spec.trial(trial.config)
+        local = self._trial_dir(trial)
         if trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as d:
                 trainer = load_checkpoint(Path(d))
                 a = spec.activations
-                export_saelens(trainer.model, tmp / "sae", model_name=spec.model.name,
+                export_saelens(trainer.model, local / "sae", model_name=spec.model.name,
                                hook_name=f"blocks.{a.layer}.hook_resid_post", hook_layer=a.layer,
                                norm_scale=self.norm_scale, context_size=a.context_length,
                                dataset_path=spec.corpus.source)
-                self.client.log_artifacts(run_id, str(tmp / "sae"), "sae")
+                self.client.log_artifacts(run_id, str(local / "sae"), "sae")
                 if (Path(d) / "eval.json").is_file():
                     self.client.log_artifact(run_id, str(Path(d) / "eval.json"))
         history = self.history(run_id)
         if history:
-            plots.training_curves(history, tmp / "curves.png",
+            plots.training_curves(history, local / "curves.png",
                                   title=f"{row['trial']}: {', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in trial.config.items())}")
-            self.client.log_artifact(run_id, str(tmp / "curves.png"))
+            self.client.log_artifact(run_id, str(local / "curves.png"))
 
     def history(self, run_id: str) -> list[dict[str, float]]:
         rows: dict[int, dict[str, float]] = {}
@@ -233,14 +265,13 @@ class MlflowTrials(Callback):
         report.pareto_plot(rows, sweep_dir / "pareto.png")
         report.progression_plot(rows, sweep_dir / "progression.png")
         for name in (TRIALS_FILE, "trials.csv", "pareto.png", "progression.png"):
-            self.client.log_artifact(self.parent_run_id, str(sweep_dir / name))
-
-
-def _guarded(trial: Trial, fn, *args) -> None:
-    try:
-        fn(*args)
-    except Exception as e:
-        print(f"csc: MLflow tracking of {trial_name(trial)} failed: {type(e).__name__}: {e}", flush=True)
+            self._do("the sweep's reports", self.client.log_artifact, self.parent_run_id, str(sweep_dir / name))
+        unsent = sweep_dir / UNSENT_FILE
+        unsent.unlink(missing_ok=True)
+        if self._backlog:
+            unsent.write_text(json.dumps([what for what, _, _ in self._backlog], indent=1))
+            print(f"csc: MLflow still fails: {len(self._backlog)} records were not sent (listed in {unsent}); "
+                  f"the data is in {sweep_dir} (trials.csv, each trial's result.json, checkpoints, sae/)", flush=True)
 
 
 def _param(key: str, value: str):
