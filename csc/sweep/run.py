@@ -1,14 +1,19 @@
 """`csc sweep`: start (or resume) a Ray Tune sweep whose trials share one activation producer.
 
-The sweep folder <out>/<name>/ is Tune's experiment folder (trial checkpoints, experiment state) plus:
-    csc_sweep.json   the resolved spec and where MLflow records the sweep (read again by --resume)
+The sweep folder <out>/<name>/ is Tune's experiment folder (experiment state; trial_NN/ with each
+trial's result.json and checkpoints) plus:
+    csc_sweep.json   the resolved spec, where MLflow records the sweep (read again by --resume) and,
+                     at the end, the producer's counters
     trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run)
+    trial_NN/sae/, curves.png, error.txt                   what each trial's MLflow run also holds
+    mlflow_unsent.json   only if MLflow still failed at the end: the records it never received
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,15 +240,19 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
 
     state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "producer": stats,
                                       "interrupted": interrupted}, indent=1))
-    try:
-        client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()
-                                             if isinstance(v, (int, float))],
-                         tags=[RunTag("csc.producer_node", stats["node_id"]),
-                               RunTag("csc.interrupted", str(interrupted).lower())])
-        client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
-    except Exception as e:  # the sweep itself is done: its folder has everything
-        print(f"csc: could not record the end of the sweep in MLflow ({type(e).__name__}); "
-              f"{state_path} has it", flush=True)
+    for attempt in range(3):  # a pooled connection to a server that restarted fails once, then works
+        try:
+            client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()
+                                                 if isinstance(v, (int, float))],
+                             tags=[RunTag("csc.producer_node", stats["node_id"]),
+                                   RunTag("csc.interrupted", str(interrupted).lower())])
+            client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
+            break
+        except Exception as e:  # the sweep itself is done: its folder has everything
+            if attempt == 2:
+                print(f"csc: could not record the end of the sweep in MLflow ({type(e).__name__}: "
+                      f"{str(e).strip()[:300]}); {state_path} has it", flush=True)
+            time.sleep(2)
     return SweepResult(name, sweep_dir, uri, exp_id, parent_id, rows, stats, interrupted)
 
 

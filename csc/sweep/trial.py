@@ -52,7 +52,10 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}  # per key: nce is absent while gamma is still 0 in its warm-up
     t0, tokens0 = time.perf_counter(), trainer.tokens
-    report: dict[str, Any] = {"step": float(trainer.step), "tokens": float(trainer.tokens)}
+    # A trial restored from its final checkpoint (the driver died before Tune recorded it as done) trains no
+    # step: its final report carries the checkpoint's last metrics, so it has what Optuna and ASHA read.
+    report: dict[str, Any] = {**(trainer.last_metrics or {}), "step": float(trainer.step),
+                              "tokens": float(trainer.tokens), "node_id": node_id}
     for batch in stream if not trainer.done else ():
         m = trainer.update(trainer.step, batch)
         for key in m:
