@@ -80,11 +80,12 @@ class ActivationProducer:
 
     def _submit(self, key: tuple[Split, int]) -> Future:
         """The one future that makes shard `key` (caller holds the lock)."""
-        if key not in self._pending:
-            fut = self._lm.submit(self.acts.shard, *key)
-            self._pending[key] = fut
-            fut.add_done_callback(lambda f, key=key: self._keep(key, f))
-        return self._pending[key]
+        if key in self._pending:
+            return self._pending[key]
+        fut = self._lm.submit(self.acts.shard, *key)
+        self._pending[key] = fut
+        fut.add_done_callback(lambda f, key=key: self._keep(key, f))  # may run here and then, if it is done
+        return fut
 
     def _keep(self, key: tuple[Split, int], fut: Future) -> None:
         with self._lock:
@@ -101,7 +102,8 @@ class ActivationProducer:
     def splice(self, sae_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, float]:
         """CE/KL on held-out contexts with a trial's SAE spliced into the LM."""
         sae = SparseAutoencoder.from_tensors(SaeConfig.model_validate(sae_cfg), state)
-        self.counts["evaluations"] += 1
+        with self._lock:  # trials call in parallel (max_concurrency)
+            self.counts["evaluations"] += 1
         return self._lm.submit(splice_run, self.spec, sae, self.acts).result()
 
     def stats(self) -> dict[str, float | str]:

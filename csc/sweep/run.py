@@ -119,14 +119,16 @@ def _searcher(spec: SweepSpec):
                         points_to_evaluate=[dict(p) for p in spec.sweep.points_to_evaluate] or None)
 
 
-def _scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(spec: SweepSpec, sweep_dir: Path):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from csc.sweep.tracking import STOPPED_FILE, RecordingASHA
 
     a = spec.sweep.scheduler
     if a is None:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="step", metric=a.metric, mode=a.mode, max_t=spec.trainer.steps,
-                         grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+    return RecordingASHA(str(sweep_dir / STOPPED_FILE), time_attr="step", metric=a.metric, mode=a.mode,
+                         max_t=spec.trainer.steps, grace_period=a.grace_period, reduction_factor=a.reduction_factor)
 
 
 def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str, exp_id: str, parent_id: str,
@@ -169,7 +171,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     else:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
+            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec, sweep_dir),
                                         num_samples=spec.sweep.num_samples,
                                         max_concurrent_trials=spec.sweep.max_concurrent,
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),

@@ -24,6 +24,7 @@ from typing import Any
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from csc import plots
 from csc.sae.checkpoint import load_checkpoint
@@ -34,6 +35,9 @@ from csc.sweep.spec import REPORT_METRICS, SweepSpec
 LOGGED = (*REPORT_METRICS, "lr", "beta", "gamma", "tokens", "tokens_per_s")
 TRIALS_FILE = "trials.json"
 UNSENT_FILE = "mlflow_unsent.json"
+STOPPED_FILE = "stopped_by_scheduler.txt"
+END_WAIT_S = 60
+"""How long the end of a sweep waits for MLflow to take the records it could not take before."""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error reports for terminals
 
 
@@ -57,6 +61,28 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that writes down which trials it stopped (one id per line in `record`, kept across resumes),
+    so that a trial stopped because the sweep was interrupted is never reported as stopped early: Tune
+    ends both the same way."""
+
+    def __init__(self, record: str, **kwargs):
+        super().__init__(**kwargs)
+        self.record = record
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+            with open(self.record, "a") as f:
+                f.write(trial.trial_id + "\n")
+        return decision
+
+
+def stopped_by_scheduler(sweep_dir: str | Path) -> set[str]:
+    path = Path(sweep_dir) / STOPPED_FILE
+    return set(path.read_text().split()) if path.is_file() else set()
 
 
 class MlflowTrials(Callback):
@@ -174,6 +200,8 @@ class MlflowTrials(Callback):
 
     def _complete(self, trial: Trial, row: dict[str, Any]) -> None:
         run_id = self.run_id(trial)
+        if row["outcome"] == "running":
+            return  # the sweep is being interrupted: the run stays open for --resume
         self._artifacts(trial, run_id, row)
         if row["outcome"] == "finished":
             self.client.set_tag(run_id, "csc.outcome", "finished")
@@ -246,6 +274,8 @@ class MlflowTrials(Callback):
         elif status == Trial.TERMINATED:
             if steps >= spec.trainer.steps:
                 row["outcome"] = "finished"
+            elif trial.trial_id not in stopped_by_scheduler(self.sweep_dir):
+                row["outcome"] = "running"  # stopped by an interruption: --resume continues it
             else:
                 asha = self.spec.sweep.scheduler
                 row["outcome"] = "stopped_early"
@@ -266,6 +296,10 @@ class MlflowTrials(Callback):
         report.progression_plot(rows, sweep_dir / "progression.png")
         for name in (TRIALS_FILE, "trials.csv", "pareto.png", "progression.png"):
             self._do("the sweep's reports", self.client.log_artifact, self.parent_run_id, str(sweep_dir / name))
+        deadline = time.monotonic() + END_WAIT_S
+        while self._backlog and time.monotonic() < deadline:  # give a restarting server a minute
+            time.sleep(2)
+            self._flush()
         unsent = sweep_dir / UNSENT_FILE
         unsent.unlink(missing_ok=True)
         if self._backlog:
