@@ -23,16 +23,18 @@ from csc.sweep.run import run_sweep
 from csc.sweep.spec import SweepSpec
 
 
-def tiny_sweep(tmp_path: Path, cache: Path, **sweep) -> Path:
+def tiny_sweep(tmp_path: Path, cache: Path, trainer: dict | None = None, checkpoint_every: int = 10,
+               **sweep) -> Path:
+    """A sweep spec on the tiny model; `trainer` updates its trainer section, `sweep` its sweep section."""
     data = {
         "model": {"name": "tiny-gemma2"},
         "activations": {"layer": 2, "context_length": 32, "contexts_per_shard": 8, "lm_batch_size": 4,
                         "train_tokens": 1024, "eval_tokens": 512, "cache_dir": str(cache)},
         "sae": {"dict_size": 128},
         "trainer": {"steps": 40, "batch_size": 64, "lr_warmup_steps": 5, "beta_warmup_steps": 5,
-                    "gamma_warmup_steps": 5, "log_every": 5},
+                    "gamma_warmup_steps": 5, "log_every": 5, **(trainer or {})},
         "eval": {"ce_contexts": 4, "batch_size": 128},
-        "checkpoint_every": 10,
+        "checkpoint_every": checkpoint_every,
         "sweep": {"num_samples": 5, "max_concurrent": 1,
                   "objectives": [{"metric": "ev", "mode": "max"}, {"metric": "l0", "mode": "min"}],
                   "search": {"trainer.beta": {"type": "loguniform", "low": 0.001, "high": 0.01},
@@ -142,11 +144,8 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
-    spec_path = tiny_sweep(tmp_path, cache, num_samples=4, max_concurrent=2, scheduler=None)
-    data = yaml.safe_load(spec_path.read_text())
-    data["trainer"].update(steps=2000, log_every=100)  # long enough to be interrupted mid-way
-    data["checkpoint_every"] = 200
-    spec_path.write_text(yaml.safe_dump(data))
+    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 2000, "log_every": 100}, checkpoint_every=200,
+                           num_samples=4, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

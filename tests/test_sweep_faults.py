@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import ray
-import yaml
 from mlflow.tracking import MlflowClient
 
 from csc.config import load_spec
@@ -43,6 +42,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def sweep_in_thread(spec: SweepSpec, name: str, out: Path) -> tuple[threading.Thread, dict]:
+    """run_sweep on a thread (on the Ray this test started), so the test can break things meanwhile;
+    the result lands in the dict."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(result=run_sweep(spec, name, out, verbose=0)))
+    thread.start()
+    return thread, result
+
+
 def last_result(trial_dir: Path) -> dict | None:
     lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
     return json.loads(lines[-1]) if lines else None
@@ -51,18 +59,13 @@ def last_result(trial_dir: Path) -> dict | None:
 @pytest.mark.slow
 def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = tiny_sweep(tmp_path, cache, num_samples=3, max_concurrent=2, scheduler=None, max_failures=1)
-    data = json.loads(json.dumps(load_spec(SweepSpec, path).model_dump(mode="json")))
-    data["trainer"].update(steps=2000, log_every=50)
-    data["checkpoint_every"] = 250
-    spec = SweepSpec.model_validate(data)
+    spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, trainer={"steps": 2000, "log_every": 50},
+                                           checkpoint_every=250, num_samples=3, max_concurrent=2, scheduler=None,
+                                           max_failures=1))
 
     ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False)
     try:
-        out: dict = {}
-        sweep = threading.Thread(target=lambda: out.update(result=run_sweep(spec, "faults", tmp_path / "runs",
-                                                                             verbose=0)))
-        sweep.start()
+        sweep, out = sweep_in_thread(spec, "faults", tmp_path / "runs")
         trial_dir = tmp_path / "runs" / "faults" / "trial_01"
         deadline = time.monotonic() + 300
         while (r := last_result(trial_dir)) is None or r["step"] < 300:  # past its first checkpoint
@@ -99,11 +102,8 @@ def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkey
 def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
     """SIGKILL of `csc sweep` (its whole process group: the driver and the local Ray it started), then
     `csc sweep --resume`: the sweep finishes into the same parent and child runs, none duplicated."""
-    spec_path = tiny_sweep(tmp_path, cache, num_samples=4, max_concurrent=2, scheduler=None)
-    data = yaml.safe_load(spec_path.read_text())
-    data["trainer"].update(steps=2000, log_every=100)  # long enough to be interrupted mid-way
-    data["checkpoint_every"] = 200
-    spec_path.write_text(yaml.safe_dump(data))
+    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 2000, "log_every": 100}, checkpoint_every=200,
+                           num_samples=4, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -158,12 +158,9 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cache, monkeypatch
     never waits for it, and every record made meanwhile reaches MLflow once it answers."""
     monkeypatch.chdir(tmp_path)
     store, root, port = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts"), free_port()
-    path = tiny_sweep(tmp_path, cache, num_samples=2, max_concurrent=2, scheduler=None,
-                      tracking={"uri": f"http://127.0.0.1:{port}"})
-    data = json.loads(json.dumps(load_spec(SweepSpec, path).model_dump(mode="json")))
-    data["trainer"].update(steps=6000, log_every=100)
-    data["checkpoint_every"] = 1000
-    spec = SweepSpec.model_validate(data)
+    spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, trainer={"steps": 6000, "log_every": 100},
+                                           checkpoint_every=1000, num_samples=2, max_concurrent=2, scheduler=None,
+                                           tracking={"uri": f"http://127.0.0.1:{port}"}))
     trial_dir = tmp_path / "runs" / "outage" / "trial_01"
 
     def wait_step(step: int, thread: threading.Thread) -> None:
@@ -176,10 +173,7 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cache, monkeypatch
     server.start()
     ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False)
     try:
-        out: dict = {}
-        sweep = threading.Thread(target=lambda: out.update(result=run_sweep(spec, "outage", tmp_path / "runs",
-                                                                             verbose=0)))
-        sweep.start()
+        sweep, out = sweep_in_thread(spec, "outage", tmp_path / "runs")
         wait_step(500, sweep)
         server.stop()
         wait_step(2500, sweep)  # trained and reported while MLflow was down

@@ -180,7 +180,7 @@ class MlflowTrials(Callback):
     def _recover(self, trial: Trial, failures: int) -> None:
         """Tune retries the trial from its last checkpoint: the same run goes on, and says so."""
         run_id = self.run_id(trial)
-        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
+        text = _error_text(trial)
         self.client.set_tag(run_id, "csc.retries", str(failures))
         self.client.set_tag(run_id, "csc.last_retry_reason", error_reason(text)[:5000])
 
@@ -215,9 +215,10 @@ class MlflowTrials(Callback):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, "csc.outcome", "failed")
         self.client.set_tag(run_id, "csc.failure_reason", row["reason"][:5000])
-        if trial.error_file and Path(trial.error_file).is_file():
+        text = _error_text(trial)
+        if text:
             local = self._trial_dir(trial) / "error.txt"
-            local.write_text(ANSI.sub("", Path(trial.error_file).read_text()))
+            local.write_text(ANSI.sub("", text))
             self.client.log_artifact(run_id, str(local))
         self.client.set_terminated(run_id, "FAILED")
 
@@ -269,7 +270,7 @@ class MlflowTrials(Callback):
                "dict_size": spec.sae.dict_size, "steps_done": steps, "steps_total": spec.trainer.steps,
                "metrics": metrics}
         if status == Trial.ERROR:
-            text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
+            text = _error_text(trial)
             row.update(outcome="failed", reason=error_reason(text))
         elif status == Trial.TERMINATED:
             if steps >= spec.trainer.steps:
@@ -306,6 +307,12 @@ class MlflowTrials(Callback):
             unsent.write_text(json.dumps([what for what, _, _ in self._backlog], indent=1))
             print(f"csc: MLflow still fails: {len(self._backlog)} records were not sent (listed in {unsent}); "
                   f"the data is in {sweep_dir} (trials.csv, each trial's result.json, checkpoints, sae/)", flush=True)
+
+
+def _error_text(trial: Trial) -> str:
+    """What Tune wrote of the trial's failures (empty when there is no error file)."""
+    path = Path(trial.error_file) if trial.error_file else None
+    return path.read_text() if path is not None and path.is_file() else ""
 
 
 def _param(key: str, value: str):
