@@ -9,14 +9,19 @@ Rows (tokens/s = anchor tokens per second; higher is better):
   csc, gamma=0    csc.sae.Trainer.update: pre-encoder LayerNorm, constrained Adam (tangent projection and
                   renormalisation of the decoder), gradient clipping, metrics of every step
   csc, gamma>0    the same plus the partner encode and the InfoNCE term over other-sequence negatives
-SAE FLOPs per step are counted as 12*B*d*m (encoder and decoder matmuls, forward and backward), the same
-for every row, so "of peak" compares like with like; the contrastive row does more work than that count.
+  SAELens         sae_lens.SAETrainer.step on a StandardTrainingSAE (decoder-norm-weighted L1, Adam, gradient
+                  clipping, its firing statistics); shown when `pip install -e '.[bench]'` has installed SAELens
+SAE FLOPs per step are counted as 12*B*d*m (6 x parameters x tokens: both matmuls forward, and backward for
+weights and inputs), the same for every row, so "of peak" compares like with like. The plain PyTorch step
+skips the encoder's input gradient (10*B*d*m), and the contrastive row does more than the count (the partner
+encode and the B x B similarity). The peak is the best plain matmul at the SAE's own shapes on this device.
 The activations are random: speed does not depend on their content.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -24,6 +29,8 @@ import torch
 
 from csc.activations.batch import ActivationBatch
 from csc.sae.config import SaeConfig, TrainerConfig
+from csc.sae.losses import info_nce_loss
+from csc.sae.model import SparseAutoencoder
 from csc.sae.trainer import Trainer
 
 
@@ -32,16 +39,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, iters: int = 20) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+def matmul_peak(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int]],
+                rounds: int = 5, iters: int = 10) -> float:
+    """Best FLOP/s of plain matmuls at the SAE's own shapes ([m, k] @ [k, n]), best round of each."""
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        for _ in range(rounds):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                a @ b
+            sync(device)
+            best = max(best, 2 * m * k * n * iters / (time.perf_counter() - t0))
+    return best
 
 
 class PlainSAE(torch.nn.Module):
@@ -100,8 +113,23 @@ def main() -> None:
             opt.step()
         return step
 
+    def saelens_runner():
+        from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens.config import SAETrainerConfig
+
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=a.d, d_sae=a.dict, l1_coefficient=1.0,
+                                                            device=str(device)))
+        cfg = SAETrainerConfig(total_training_samples=10 ** 12, train_batch_size_samples=a.batch, lr=3e-4, lr_end=3e-4,
+                               device=str(device), autocast=a.bf16)
+        trainer = SAETrainer(cfg, sae, data_provider=iter(()))
+        return lambda b: trainer.step(b.anchors)
+
     rows = {"plain PyTorch SAE step": plain_runner(), "csc trainer, gamma=0": csc_runner(0.0),
             f"csc trainer, gamma={a.gamma:g} (contrastive)": csc_runner(a.gamma)}
+    if importlib.util.find_spec("sae_lens") is not None:
+        rows["SAELens SAETrainer.step (standard SAE)"] = saelens_runner()
+    else:
+        print("SAELens is not installed (pip install -e '.[bench]'): its row is left out")
     for run in rows.values():  # warm-up: allocator, kernels, the first step's b_dec initialisation
         for b in data[:3]:
             run(b)
@@ -114,7 +142,9 @@ def main() -> None:
                 run(b)
             sync(device)
             times[name].append((time.perf_counter() - t0) / len(data))
-    peak = matmul_peak(device, torch.bfloat16 if a.bf16 else torch.float32)
+    B, d, m = a.batch, a.d, a.dict
+    peak = matmul_peak(device, torch.bfloat16 if a.bf16 else torch.float32,
+                       [(B, d, m), (B, m, d), (d, B, m), (m, B, d), (2048, 2048, 2048)])
 
     flops = 12 * a.batch * a.d * a.dict
     base = statistics.median(times["plain PyTorch SAE step"])
@@ -129,6 +159,34 @@ def main() -> None:
         print(f"| {name} | {a.batch / t:,.0f} | {base / t:.2f}x | {flops / t / 1e9:,.1f} | {flops / t / peak:.0%} |")
     contrastive = statistics.median(times[f"csc trainer, gamma={a.gamma:g} (contrastive)"])
     print(f"contrastive term overhead: {(contrastive / plain_csc - 1) * 100:.0f}% per step over csc gamma=0")
+
+    # Where the overhead goes: its two parts timed alone, as a share of the csc gamma=0 step.
+    sae = SparseAutoencoder(SaeConfig(d_in=d, dict_size=m)).to(device)
+    codes = [torch.relu(torch.randn(B, m, device=device)).requires_grad_() for _ in range(2)]
+
+    def partner_encode(b: ActivationBatch) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            z = sae.encode(b.partners)
+        z.float().sum().backward()
+
+    def info_nce(b: ActivationBatch) -> None:
+        info_nce_loss(codes[0], codes[1], b.seq_id, 1.0).backward()
+
+    parts = {"partner encode, forward + backward": (partner_encode, 6 * B * d * m),
+             "InfoNCE over [B, dictionary] codes, forward + backward": (info_nce, 6 * B * B * m)}
+    print("| part of the contrastive step | ms | share of a csc gamma=0 step | its FLOPs / 12*B*d*m |")
+    print("|---|---:|---:|---:|")
+    for name, (run, part_flops) in parts.items():
+        ts = []
+        for r in range(a.rounds + 1):  # the first round is a warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            for b in data:
+                run(b)
+            sync(device)
+            ts.append((time.perf_counter() - t0) / len(data))
+        t = statistics.median(ts[1:])
+        print(f"| {name} | {t * 1e3:.1f} | {t / plain_csc:.0%} | {part_flops / flops:.0%} |")
 
 
 if __name__ == "__main__":

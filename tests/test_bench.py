@@ -1,0 +1,44 @@
+"""The benchmark scripts still run against the current code (tiny sizes; their figures are not checked here:
+speed claims live in bench/README.md, printed by these scripts, never asserted in tests)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(script: str, *args: str, cache: Path | None = None) -> str:
+    env = {**os.environ, **({"CSC_CACHE_DIR": str(cache)} if cache else {})}
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_sae_step_prints_its_table():
+    out = run("sae_step.py", "--d", "32", "--dict", "64", "--batch", "64", "--steps", "2", "--rounds", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert {"plain PyTorch SAE step", "csc trainer, gamma=0", "csc trainer, gamma=0.1 (contrastive)",
+            "partner encode, forward + backward"} <= set(names)
+    assert "contrastive term overhead:" in out
+
+
+def test_producer_throughput_on_the_tiny_model(tmp_path):
+    out = run("producer_throughput.py", "--model", "tiny-gemma2", "--layer", "2", "--batch", "2", "--context", "16",
+              "--iters", "1", cache=tmp_path)
+    assert "csc pipeline" in out and "full forward, eager" in out
+
+
+def test_quality_interpolates_in_log_l0():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from quality import interpolate
+    finally:
+        sys.path.remove(str(BENCH))
+    pts = [{"l0": 10.0, "ev": 0.5}, {"l0": 1000.0, "ev": 0.9}, {"l0": 100.0, "ev": 0.7}]
+    assert abs(interpolate(pts, 100.0, "ev") - 0.7) < 1e-12
+    assert abs(interpolate(pts, 10 ** 1.5, "ev") - 0.6) < 1e-12  # halfway between 10 and 100 in log L0
+    assert interpolate(pts, 5.0, "ev") is None and interpolate(pts, 2000.0, "ev") is None
