@@ -119,8 +119,8 @@ def main() -> None:
 
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=a.d, d_sae=a.dict, l1_coefficient=1.0,
                                                             device=str(device)))
-        cfg = SAETrainerConfig(total_training_samples=10 ** 12, train_batch_size_samples=a.batch, lr=3e-4, lr_end=3e-4,
-                               device=str(device), autocast=a.bf16)
+        cfg = SAETrainerConfig(total_training_samples=10 ** 12, train_batch_size_samples=a.batch, lr=3e-4,
+                               lr_end=3e-4, device=str(device), autocast=a.bf16)
         trainer = SAETrainer(cfg, sae, data_provider=iter(()))
         return lambda b: trainer.step(b.anchors)
 
@@ -178,7 +178,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, (run, part_flops) in parts.items():
         ts = []
-        for r in range(a.rounds + 1):  # the first round is a warm-up
+        for _ in range(a.rounds + 1):  # the first round is a warm-up
             sync(device)
             t0 = time.perf_counter()
             for b in data:
