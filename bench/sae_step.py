@@ -133,15 +133,19 @@ def main() -> None:
     for run in rows.values():  # warm-up: allocator, kernels, the first step's b_dec initialisation
         for b in data[:3]:
             run(b)
+    def one_round(run) -> float:
+        """Seconds per batch of one pass of `run` over the data."""
+        sync(device)
+        t0 = time.perf_counter()
+        for b in data:
+            run(b)
+        sync(device)
+        return (time.perf_counter() - t0) / len(data)
+
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(a.rounds):
         for name, run in rows.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for b in data:
-                run(b)
-            sync(device)
-            times[name].append((time.perf_counter() - t0) / len(data))
+            times[name].append(one_round(run))
     B, d, m = a.batch, a.d, a.dict
     peak = matmul_peak(device, torch.bfloat16 if a.bf16 else torch.float32,
                        [(B, d, m), (B, m, d), (d, B, m), (m, B, d), (2048, 2048, 2048)])
@@ -177,15 +181,8 @@ def main() -> None:
     print("| part of the contrastive step | ms | share of a csc gamma=0 step | its FLOPs / 12*B*d*m |")
     print("|---|---:|---:|---:|")
     for name, (run, part_flops) in parts.items():
-        ts = []
-        for _ in range(a.rounds + 1):  # the first round is a warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            for b in data:
-                run(b)
-            sync(device)
-            ts.append((time.perf_counter() - t0) / len(data))
-        t = statistics.median(ts[1:])
+        one_round(run)  # warm-up
+        t = statistics.median(one_round(run) for _ in range(a.rounds))
         print(f"| {name} | {t * 1e3:.1f} | {t / plain_csc:.0%} | {part_flops / flops:.0%} |")
 
 

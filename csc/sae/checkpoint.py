@@ -64,11 +64,8 @@ def save_checkpoint(trainer: Trainer, path: str | Path) -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_checkpoint(path: str | Path, device: str | None = None) -> Trainer:

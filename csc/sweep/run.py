@@ -144,9 +144,9 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
-        # An address (or RAY_ADDRESS, which `ray job submit` sets) joins a cluster. Else a local one starts:
+        # An address (--address or RAY_ADDRESS, resolved by run_sweep) joins a cluster. Else a local one starts:
         # "local", because address=None would join whatever cluster `ray start` last recorded, dead or not.
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        address = address or "local"
         try:
             ray.init(address=address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=True,
                      configure_logging=False)
@@ -224,7 +224,8 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     elif tune.Tuner.can_restore(str(sweep_dir)):
         raise CscError(f"sweep folder {sweep_dir} holds a sweep: pass --resume to continue it, "
                        f"or choose another --out or sweep.name")
-    _preflight(spec, local=not (address or os.environ.get("RAY_ADDRESS")))
+    address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets it
+    _preflight(spec, local=not address)
 
     client, uri, exp_id, parent_id = _open_tracking(spec, name, sweep_dir, state)
     try:

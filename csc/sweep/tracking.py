@@ -9,9 +9,10 @@ stopped_early and the reason in csc.stop_reason (the scheduler stopped it), or F
 line of the error in csc.failure_reason and the whole traceback as error.txt. Its artifacts are the
 exported SAE (sae/: safetensors + cfg.json, from the trial's last checkpoint), curves.png and, for
 finished trials, eval.json; sae/, curves.png and error.txt are also kept in the trial's folder of the
-sweep. If MLflow fails, calls wait in an ordered backlog until it answers again (see `_do`). Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
-and never logs a step twice; a trial that Tune retries after a failure (sweep.max_failures) keeps its run,
-tagged csc.retries and csc.last_retry_reason.
+sweep. If MLflow fails, calls wait in an ordered backlog until it answers again (see `_do`). Runs are
+found again by the tag csc.trial_id, so a resumed sweep reuses them and never logs a step twice; a trial
+that Tune retries after a failure (sweep.max_failures) keeps its run, tagged csc.retries and
+csc.last_retry_reason.
 """
 
 from __future__ import annotations
