@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from csc import plots
+from csc.pipeline import plots
 from csc.activations.batch import ActivationBatch
 from csc.activations.source import Activations, ShardSource, shard_batches
 from csc.config import TrainRunSpec

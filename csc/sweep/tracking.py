@@ -27,7 +27,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from csc import plots
+from csc.pipeline import plots
 from csc.sae.checkpoint import load_checkpoint
 from csc.sae.export import export_saelens
 from csc.sweep import report

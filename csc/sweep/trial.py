@@ -23,6 +23,7 @@ import torch
 from ray import tune
 
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
+from csc.sae.export import export_saelens
 from csc.sae.run import evaluate_run, training_stream
 from csc.sae.trainer import Trainer
 from csc.sweep.producer import RemoteActivations
@@ -69,20 +70,25 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
             sums, counts, t0, tokens0 = {}, {}, time.perf_counter(), trainer.tokens
             if trainer.done:
                 break
-            _report(report, trainer if trainer.step % spec.checkpoint_every == 0 else None)
+            _report(report, trainer if trainer.step % spec.checkpoint_every == 0 else None, spec, acts.scale)
 
     # The final report: ASHA stops a trial once it reaches trainer.steps, so nothing may come after it.
     results, _ = evaluate_run(spec, trainer.model, acts, splice=acts.splice)
     report.update({EVAL_PREFIX + k: v for k, v in results.items()})
-    _report(report, trainer, results)
+    _report(report, trainer, spec, acts.scale, results)
 
 
-def _report(metrics: dict[str, float], trainer: Trainer | None, results: dict[str, float] | None = None) -> None:
+def _report(metrics: dict[str, float], trainer: Trainer | None, spec, scale: float,
+            results: dict[str, float] | None = None) -> None:
     if trainer is None:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(trainer, Path(d))
+        a = spec.activations
+        export_saelens(trainer.model, Path(d) / "sae", model_name=spec.model.name,
+                       hook_name=f"blocks.{a.layer}.hook_resid_post", hook_layer=a.layer, norm_scale=scale,
+                       context_size=a.context_length, dataset_path=spec.corpus.source)
         if results is not None:
             (Path(d) / "eval.json").write_text(json.dumps(results, indent=1))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

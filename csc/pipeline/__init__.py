@@ -1,0 +1,1 @@
+"""One run end to end: activations -> trainer -> checkpoints -> evaluation -> export, and its figures."""
