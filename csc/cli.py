@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from csc.config import TrainRunSpec, load_spec
-    from csc.sae.run import format_metrics, train_run
+    from csc.pipeline.run import format_metrics, train_run
 
     spec = load_spec(TrainRunSpec, args.spec, args.overrides, ignore_sections=True)
     out = Path(args.out)
@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from csc.sae.run import evaluate_saved, format_metrics
+    from csc.pipeline.run import evaluate_saved, format_metrics
 
     print(format_metrics(evaluate_saved(Path(args.path))))
 

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from csc.activations.batch import ActivationBatch
+from csc.sae.batch import ActivationBatch
 from csc.activations.cache import ShardCache
 from csc.activations.capture import attention_partners, run_to_layer
 from csc.activations.contexts import ContextStream

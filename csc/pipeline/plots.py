@@ -9,26 +9,37 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from csc.sae.losses import WEIGHT_NAMES  # noqa: E402
 from csc.sae.metrics import DensityHistogram  # noqa: E402
+from csc.sae.trainer import TRAINING_METRICS  # noqa: E402
 
-CURVES = [("loss", "total loss"), ("mse", "MSE"), ("l1", "L1"), ("nce", "InfoNCE"), ("ev", "explained variance (batch)"),
-          ("l0", "L0"), ("dead_frac", "dead fraction (window)"), ("gamma", "weights in force")]
+LABELS = {"loss": "total loss", "mse": "MSE", "l1": "L1", "l0_penalty": "L0 penalty", "nce": "InfoNCE",
+          "auxk": "AuxK", "ev": "explained variance (batch)", "l0": "L0", "dead_frac": "dead fraction (window)",
+          "grad_norm": "gradient norm (before clipping)"}
 
 
 def training_curves(rows: list[dict[str, float]], path: Path, title: str = "") -> None:
-    """One panel per metric against the training step; the last panel shows beta and gamma in force."""
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
+    """One panel per training metric the rows have (csc.sae.trainer.TRAINING_METRICS), and one of the
+    terms' weights in force (alpha is constant and left out)."""
+    keys = [k for k in TRAINING_METRICS if any(k in r for r in rows)]
+    weights = [w for w in WEIGHT_NAMES if w != "alpha" and any(w in r for r in rows)]
+    n = len(keys) + 1
+    fig, axes = plt.subplots(-(-n // 4), 4, figsize=(16, 3.25 * -(-n // 4)), squeeze=False)
     steps = [r["step"] for r in rows]
-    for ax, (key, label) in zip(axes.flat, CURVES):
-        if key == "gamma":
-            for w in ("beta", "gamma"):
-                ax.plot(steps, [r.get(w, float("nan")) for r in rows], label=w)
-            ax.legend()
-        elif any(key in r for r in rows):
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows])
-        ax.set_title(label)
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows])
+        ax.set_title(LABELS.get(key, key))
+    ax = axes.flat[len(keys)]
+    for w in weights:
+        ax.plot(steps, [r.get(w, float("nan")) for r in rows], label=w)
+    if weights:
+        ax.legend()
+    ax.set_title("weights in force")
+    for ax in axes.flat[:n]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

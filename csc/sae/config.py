@@ -1,40 +1,31 @@
 """Typed settings of one SAE and of its training run."""
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+
+from csc.sae.archs import ARCHITECTURES
+from csc.sae.model import BaseSaeConfig
 
 
-class SaeConfig(BaseModel):
-    """Architecture of a sparse autoencoder."""
+def _architecture_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("architecture", "relu")  # a spec without the field means the paper's ReLU SAE
+    return getattr(value, "architecture", None)
 
-    model_config = ConfigDict(extra="forbid")
 
-    d_in: int | None = Field(default=None, gt=0)
-    """Width of the activations the SAE reads. Leave unset in a spec: it is the LM's d_model."""
+SaeConfig = Annotated[
+    Union[tuple(Annotated[cls.config_class, Tag(name)] for name, cls in ARCHITECTURES.items())],  # noqa: UP007
+    Discriminator(_architecture_of),
+]
+"""The config of one SAE: the config class of its `architecture` (relu when unset), csc/sae/archs/."""
 
-    dict_size: int = Field(gt=0)
-    """Number of latents (dictionary atoms)."""
+_SAE_CONFIG = TypeAdapter(SaeConfig)
 
-    architecture: Literal["relu", "topk"] = "relu"
-    """Code nonlinearity: "relu" (sparsity from the L1 penalty) or "topk" (keep the k largest)."""
 
-    k: int | None = None
-    """Latents kept per token; required for "topk", must be unset for "relu"."""
-
-    layer_norm: bool = True
-    """Apply a LayerNorm without affine parameters to the encoder input, as in the paper."""
-
-    @model_validator(mode="after")
-    def _check_k(self) -> "SaeConfig":
-        if self.architecture == "topk":
-            if self.k is None:
-                raise ValueError("architecture 'topk' needs k")
-            if not 1 <= self.k <= self.dict_size:
-                raise ValueError(f"k must be in [1, dict_size={self.dict_size}], got {self.k}")
-        elif self.k is not None:
-            raise ValueError("k is only used by architecture 'topk'; leave it unset for 'relu'")
-        return self
+def parse_sae_config(data: dict[str, Any]) -> BaseSaeConfig:
+    """Validate a dict (e.g. read back from JSON) as the SaeConfig of its architecture."""
+    return _SAE_CONFIG.validate_python(data)
 
 
 class TrainerConfig(BaseModel):
@@ -55,8 +46,8 @@ class TrainerConfig(BaseModel):
     lr_warmup_start: float = Field(default=1e-4, ge=0)
     """Learning rate at step 0; it moves linearly to `lr` over the warm-up."""
 
-    lr_warmup_steps: int = Field(default=1000, ge=0)
-    """Steps of linear learning-rate warm-up (0: start at `lr`)."""
+    lr_warmup_steps: int | None = Field(default=None, ge=0)
+    """Steps of linear learning-rate warm-up (0: start at `lr`). Default: a tenth of `steps`."""
 
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value."""
@@ -65,7 +56,8 @@ class TrainerConfig(BaseModel):
     """Weight of the reconstruction (MSE) term."""
 
     beta: float = Field(default=0.04, ge=0)
-    """Weight of the L1 sparsity term (the paper's lambda)."""
+    """Weight of the architecture's sparsity penalty (the paper's lambda): the L1 of the codes for relu, the
+    L0 for jumprelu. topk and batchtopk get their sparsity from k and have no penalty: beta does not act there."""
 
     gamma: float = Field(default=0.1, ge=0)
     """Weight of the InfoNCE term; 0 trains exactly the plain SAE (the term is never computed)."""
@@ -76,11 +68,11 @@ class TrainerConfig(BaseModel):
     hard_negatives: int = Field(default=0, ge=0)
     """Keep only the m most similar other-sequence negatives per anchor; 0 keeps all of them."""
 
-    beta_warmup_steps: int = Field(default=1000, ge=0)
-    """Steps over which beta rises linearly from 0 to its value (0: no warm-up)."""
+    beta_warmup_steps: int | None = Field(default=None, ge=0)
+    """Steps over which beta rises linearly from 0 to its value (0: no warm-up). Default: a tenth of `steps`."""
 
-    gamma_warmup_steps: int = Field(default=1000, ge=0)
-    """Steps over which gamma rises linearly from 0 to its value (0: no warm-up)."""
+    gamma_warmup_steps: int | None = Field(default=None, ge=0)
+    """Steps over which gamma rises linearly from 0 to its value (0: no warm-up). Default: a tenth of `steps`."""
 
     balance: bool = False
     """Rebalance gamma so that the InfoNCE gradient on the codes keeps `balance_ratio` times the
@@ -102,7 +94,7 @@ class TrainerConfig(BaseModel):
     """At step 0, set b_dec to the mean of the first batch's anchors."""
 
     revival: Literal["none", "auxk"] = "none"
-    """Dead-latent revival: "auxk" adds the AuxK loss of Gao et al. (topk architecture only)."""
+    """Dead-latent revival: "auxk" adds the AuxK loss of Gao et al. (topk and batchtopk only)."""
 
     auxk_k: int = Field(default=256, gt=0)
     """Dead latents used by the AuxK reconstruction of the residual."""
@@ -114,7 +106,7 @@ class TrainerConfig(BaseModel):
     """A latent is dead once it has not fired on this many consecutive anchor tokens."""
 
     log_every: int = Field(default=100, gt=0)
-    """Call the metrics callback every this many steps (and after the last step)."""
+    """Report averaged metrics every this many steps (and after the last step)."""
 
     seed: int = 0
     """Seed of the weight initialisation and of torch's global RNG."""
@@ -129,4 +121,17 @@ class TrainerConfig(BaseModel):
     def _check_ranges(self) -> "TrainerConfig":
         if self.balance_min > self.balance_max:
             raise ValueError("balance_min must not exceed balance_max")
+        for name in WARMUPS:
+            value = getattr(self, name)
+            if value is not None and value > self.steps:
+                raise ValueError(f"trainer.{name} ({value}) exceeds trainer.steps ({self.steps}): that warm-up "
+                                 f"would never finish; shorten it or train longer")
         return self
+
+    def warmup(self, name: str) -> int:
+        """The warm-up `name` (one of WARMUPS) in force: its value, or a tenth of `steps` when unset."""
+        value = getattr(self, name)
+        return self.steps // 10 if value is None else value
+
+
+WARMUPS = ("lr_warmup_steps", "beta_warmup_steps", "gamma_warmup_steps")

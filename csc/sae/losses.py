@@ -1,24 +1,32 @@
-"""Training losses. Each returns a scalar; conventions match csc.sae.metrics.
+"""The loss terms. Each is one class: a name (its metric name), a weight schedule and how it is computed
+from the step's forward output; the trainer sums weight * value over `build_terms`. Conventions match
+csc.sae.metrics:
 
-- mse_loss(x, x_hat) = mean_i sum_d (x_id - x_hat_id)^2
-- l1_loss(z)         = mean_i sum_j |z_ij|
-- info_nce_loss: see its docstring.
-- auxk_loss: see its docstring.
+    mse        mean_i sum_d (x_id - x_hat_id)^2                          weight alpha
+    l1         mean_i sum_j |z_ij|               (relu)                 weight beta (warm-up)
+    l0_penalty mean_i sum_j H(pre_ij - theta_j)  (jumprelu)             weight beta (warm-up)
+    nce        InfoNCE over codes, see info_nce_loss                     weight gamma (warm-up, balance)
+    auxk       AuxK of Gao et al., see auxk_loss (trainer.revival auxk)  weight auxk_coef
+
+The sparsity term is the architecture's own (SparseAutoencoder.sparsity_loss). Adding a term: a class here,
+its name in TERM_NAMES and a line in build_terms.
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from csc.sae.metrics import l1, mse, unit_codes
+from csc.sae.archs import ARCHITECTURES
+from csc.sae.batch import ActivationBatch
+from csc.sae.config import TrainerConfig
+from csc.sae.metrics import mse, unit_codes
+from csc.sae.model import ForwardOutput, SparseAutoencoder
+from csc.sae.weighting import GradientBalance, ramp
 
 NEG_INF = float("-inf")
-
-
-def mse_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    return mse(x, x_hat)
-
-
-def l1_loss(z: torch.Tensor) -> torch.Tensor:
-    return l1(z)
 
 
 def info_nce_loss(z_anchor: torch.Tensor, z_partner: torch.Tensor, seq_id: torch.Tensor,
@@ -72,3 +80,134 @@ def auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, W_dec: to
     e_hat = torch.zeros_like(pre, dtype=torch.float32).scatter(-1, idx, values.relu()) @ W_dec.float()
     total = (e - e.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     return (e - e_hat).pow(2).sum() / total
+
+
+@dataclass
+class StepInputs:
+    """What a term may read at one step. `out` holds fp32 codes and reconstruction of the anchors."""
+
+    step: int
+    batch: ActivationBatch
+    out: ForwardOutput
+    model: SparseAutoencoder
+    dead: Callable[[], torch.Tensor]
+    """The dead-latent mask [dict_size] before this step."""
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    """The model's encoder under the trainer's autocast (for partner codes)."""
+
+
+class LossTerm:
+    name: str
+    """Metric name of the term's value (also in TERM_NAMES)."""
+    weight_name: str
+    """Metric name of its weight in force."""
+    optional: bool = False
+    """Not computed at all at a step where its weight is 0 (its cost matters, and weight 0 must be exactly
+    the model without it)."""
+
+    def weight(self, step: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Reconstruction(LossTerm):
+    name, weight_name = "mse", "alpha"
+
+    def __init__(self, cfg: TrainerConfig):
+        self.alpha = cfg.alpha
+
+    def weight(self, step: int) -> float:
+        return self.alpha
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        return mse(inputs.out.x, inputs.out.x_hat)
+
+
+class Sparsity(LossTerm):
+    """The architecture's sparsity penalty (its name: the architecture's `sparsity_term`)."""
+
+    weight_name = "beta"
+
+    def __init__(self, name: str, cfg: TrainerConfig):
+        self.name = name
+        self.beta, self.warmup = cfg.beta, cfg.warmup("beta_warmup_steps")
+
+    def weight(self, step: int) -> float:
+        return self.beta * ramp(step, self.warmup)
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        return inputs.model.sparsity_loss(inputs.out)
+
+
+class InfoNCE(LossTerm):
+    """gamma * info_nce_loss over anchor codes and their partners' codes; gamma warms up and, with
+    trainer.balance, follows csc.sae.weighting.GradientBalance against the reconstruction term."""
+
+    name, weight_name, optional = "nce", "gamma", True
+
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg = cfg
+        self.warmup = cfg.warmup("gamma_warmup_steps")
+        self.balance = GradientBalance(cfg.balance_ratio, cfg.balance_ema, cfg.balance_min,
+                                       cfg.balance_max) if cfg.balance else None
+
+    def weight(self, step: int) -> float:
+        g = self.cfg.gamma if self.balance is None else self.balance.weight(self.cfg.gamma)
+        return g * ramp(step, self.warmup)
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        z_partner = inputs.encode(inputs.batch.partners.float())
+        return info_nce_loss(inputs.out.z, z_partner, inputs.batch.seq_id, self.cfg.temperature,
+                             self.cfg.hard_negatives)
+
+    def state_dict(self) -> dict:
+        return self.balance.state_dict() if self.balance is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.balance is not None:
+            self.balance.load_state_dict(state)
+
+
+class AuxK(LossTerm):
+    name, weight_name = "auxk", "auxk_coef"
+
+    def __init__(self, cfg: TrainerConfig):
+        self.coef, self.k = cfg.auxk_coef, cfg.auxk_k
+
+    def weight(self, step: int) -> float:
+        return self.coef
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        out = inputs.out
+        return auxk_loss(out.x, out.x_hat, out.pre, inputs.model.W_dec, inputs.dead(), self.k)
+
+
+TERM_NAMES: tuple[str, ...] = (
+    Reconstruction.name,
+    *dict.fromkeys(a.sparsity_term for a in ARCHITECTURES.values() if a.sparsity_term),
+    InfoNCE.name, AuxK.name,
+)
+"""Every term's metric name: the single list that reports, plots and sweep objectives draw on."""
+WEIGHT_NAMES: tuple[str, ...] = (Reconstruction.weight_name, Sparsity.weight_name, InfoNCE.weight_name,
+                                 AuxK.weight_name)
+"""The metric names of the terms' weights in force."""
+
+
+def build_terms(model: SparseAutoencoder, cfg: TrainerConfig) -> list[LossTerm]:
+    """The terms of one training run, in the order they are summed and logged."""
+    terms: list[LossTerm] = [Reconstruction(cfg)]
+    if model.sparsity_term is not None:
+        terms.append(Sparsity(model.sparsity_term, cfg))
+    if cfg.gamma > 0:
+        terms.append(InfoNCE(cfg))
+    if cfg.revival == "auxk":
+        terms.append(AuxK(cfg))
+    return terms

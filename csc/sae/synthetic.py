@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from csc.activations.batch import ActivationBatch
+from csc.sae.batch import ActivationBatch
 
 
 def sparse_dictionary_batches(d_in: int, n_features: int, batch_size: int, n_batches: int, *,

@@ -1,29 +1,40 @@
-"""Training loop of the contrastive SAE: one `update` per batch, `train` over a batch stream.
+"""The one training loop: `Trainer.fit(batches, hooks)`, used by `csc train`, sweep trials and the benchmarks.
 
-Loss of step t, with the weights of csc.sae.weighting in force:
+Loss of step t: L = sum over the run's terms (csc.sae.losses.build_terms) of weight_t * value. A term marked
+optional (InfoNCE) is not computed at a step where its weight is 0, so gamma = 0 is exactly the plain SAE.
+The model stays in fp32; with bf16 autocast only the SAE's forward matmuls run in bf16, the losses are
+computed in fp32. After each optimiser step the architecture updates its own state (`after_step`).
 
-    L = alpha_t * mse + beta_t * l1 + gamma_t * info_nce + auxk_coef * auxk
-
-info_nce is computed only when gamma_t > 0 (so gamma = 0 is exactly the plain SAE) and auxk only
-when revival = "auxk" and some latent is dead. The model stays in fp32; with bf16 autocast only the
-SAE's forward matmuls run in bf16, the losses are computed in fp32.
+Every `log_every` steps, and after the last, the hooks get a report: the mean of each per-step metric over
+the steps since the previous report, with step, tokens, lr and the weights in force at the last step, and
+the training throughput since the previous report (tokens_per_s). The running sums are part of the
+trainer's state, so a resumed run reports exactly what an uninterrupted one would.
 """
 
-from collections.abc import Callable, Iterable
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
-from csc.activations.batch import ActivationBatch
 from csc.errors import CscError, DivergenceError, SpecError
 from csc.sae import metrics
-from csc.sae.config import SaeConfig, TrainerConfig
+from csc.sae.archs import build_sae, sae_class
+from csc.sae.batch import ActivationBatch
+from csc.sae.config import TrainerConfig
 from csc.sae.dead import DeadLatentTracker
-from csc.sae.losses import auxk_loss, info_nce_loss, l1_loss, mse_loss
-from csc.sae.model import SparseAutoencoder
+from csc.sae.losses import TERM_NAMES, StepInputs, build_terms
+from csc.sae.model import BaseSaeConfig, ForwardOutput, SparseAutoencoder
 from csc.sae.optim import ConstrainedAdam
-from csc.sae.weighting import LossWeighting
 
 Metrics = dict[str, float]
+
+TRAINING_METRICS: tuple[str, ...] = ("loss", *TERM_NAMES, "l0", "ev", "dead_frac", "grad_norm")
+"""Per-step metrics, averaged in every report: the names a sweep may optimise or schedule on."""
+LAST_VALUE = ("step", "tokens", "lr")
+"""Report keys that carry their value at the report's last step (and the terms' weights)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,19 +45,30 @@ def resolve_device(name: str) -> torch.device:
 
 def lr_at(cfg: TrainerConfig, step: int) -> float:
     """Linear warm-up from lr_warmup_start (step 0) to lr (step lr_warmup_steps and after)."""
-    if step >= cfg.lr_warmup_steps:
+    warmup = cfg.warmup("lr_warmup_steps")
+    if step >= warmup:
         return cfg.lr
-    return cfg.lr_warmup_start + (cfg.lr - cfg.lr_warmup_start) * step / cfg.lr_warmup_steps
+    return cfg.lr_warmup_start + (cfg.lr - cfg.lr_warmup_start) * step / warmup
+
+
+class Hook:
+    """Called by `Trainer.fit`; override what you need."""
+
+    def on_step(self, trainer: "Trainer", metrics: Metrics) -> None:
+        """After every optimiser step, with that step's metrics."""
+
+    def on_report(self, trainer: "Trainer", report: Metrics) -> None:
+        """Every `log_every` steps and after the last step, with the averaged report."""
 
 
 class Trainer:
     """Trains one SAE. Pass `model` to start from given weights (they are checked, not copied)."""
 
-    def __init__(self, sae_cfg: SaeConfig, cfg: TrainerConfig, *,
-                 model: SparseAutoencoder | None = None):
-        if cfg.revival == "auxk" and sae_cfg.architecture != "topk":
-            raise SpecError("revival 'auxk' needs architecture 'topk': dead ReLU latents have "
-                            "no positive pre-activation for AuxK to train")
+    def __init__(self, sae_cfg: BaseSaeConfig, cfg: TrainerConfig, *, model: SparseAutoencoder | None = None):
+        if cfg.revival == "auxk" and not sae_class(sae_cfg.architecture).supports_auxk:
+            raise SpecError(f"trainer.revival 'auxk' needs an architecture with TopK codes (topk, batchtopk), "
+                            f"not {sae_cfg.architecture!r}: its dead latents have no positive pre-activation "
+                            f"for AuxK to train")
         self.sae_cfg = sae_cfg
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -54,19 +76,22 @@ class Trainer:
         self.use_bf16 = (cfg.autocast == "bf16" and self.device.type == "cuda"
                          and torch.cuda.is_bf16_supported())
         torch.manual_seed(cfg.seed)
-        self.model = model if model is not None else SparseAutoencoder(sae_cfg, seed=cfg.seed)
+        self.model = model if model is not None else build_sae(sae_cfg, seed=cfg.seed)
         if self.model.cfg != sae_cfg:
             raise CscError("the model's SaeConfig differs from the one given to the Trainer")
-        self.model.to(self.device)
+        self.model.to(self.device).train()
         self.model.check_not_degenerate()
         self.optimizer = ConstrainedAdam(self.model.parameters(), [self.model.W_dec], lr=cfg.lr)
-        self.weighting = LossWeighting(cfg)
+        self.terms = build_terms(self.model, cfg)
         self.dead = DeadLatentTracker(sae_cfg.dict_size, cfg.dead_window_tokens, self.device)
         self.step = 0
         """Optimiser steps taken so far; also the number of batches consumed."""
         self.tokens = 0
         """Anchor tokens trained on so far."""
-        self.last_metrics: Metrics | None = None
+        self.last_report: Metrics | None = None
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._clock = (time.perf_counter(), 0)  # (time, tokens) at the previous report
 
     @property
     def batches_consumed(self) -> int:
@@ -77,8 +102,15 @@ class Trainer:
     def done(self) -> bool:
         return self.step >= self.cfg.steps
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model.encode(x)
+
     def update(self, step: int, batch: ActivationBatch) -> Metrics:
-        """Take optimiser step `step` (0-based, must equal self.step) on one batch."""
+        """Take optimiser step `step` (0-based, must equal self.step) on one batch; returns its metrics."""
         if step != self.step:
             raise ValueError(f"update(step={step}) but the trainer is at step {self.step}")
         cfg, model = self.cfg, self.model
@@ -86,55 +118,52 @@ class Trainer:
         x = batch.anchors.float()
         if step == 0 and cfg.init_b_dec:
             model.init_b_dec(x)
-        w = self.weighting.at(step)
         lr = lr_at(cfg, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            pre = model.pre_activations(x)
-            z = model.activate(pre)
-            x_hat = model.decode(z)
-            z_partner = model.encode(batch.partners.float()) if w.gamma > 0 else None
-        z32, x_hat32 = z.float(), x_hat.float()
-
-        terms = {"mse": mse_loss(x, x_hat32), "l1": l1_loss(z32)}
-        loss = w.alpha * terms["mse"] + w.beta * terms["l1"]
-        if z_partner is not None:
-            terms["nce"] = info_nce_loss(z32, z_partner, batch.seq_id, cfg.temperature,
-                                         cfg.hard_negatives)
-            loss = loss + w.gamma * terms["nce"]
-        if cfg.revival == "auxk":
-            terms["auxk"] = auxk_loss(x, x_hat32, pre, model.W_dec, self.dead.dead_mask(), cfg.auxk_k)
-            loss = loss + cfg.auxk_coef * terms["auxk"]
-        terms["loss"] = loss
+        with self._autocast():
+            out = model(x)
+        out32 = ForwardOutput(x=x, pre=out.pre, z=out.z.float(), x_hat=out.x_hat.float())
+        inputs = StepInputs(step, batch, out32, model, self.dead.dead_mask, self._encode)
+        weights = {t.weight_name: t.weight(step) for t in self.terms}
+        values = {t.name: t(inputs) for t in self.terms if not (t.optional and weights[t.weight_name] == 0)}
+        loss = sum(weights[t.weight_name] * values[t.name] for t in self.terms if t.name in values)
+        terms = {**values, "loss": loss}
         self._check_finite(step, terms)
 
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.balance and "nce" in terms:
-            g_mse = torch.autograd.grad(w.alpha * terms["mse"], z, retain_graph=True)[0]
-            g_nce = torch.autograd.grad(terms["nce"], z, retain_graph=True)[0]
-            self.weighting.observe(g_mse.float().norm().item(), g_nce.float().norm().item())
+        self._observe_gradients(out32, values, weights)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise DivergenceError(f"step {step}: the gradient norm is {grad_norm.item()} "
                                   f"(loss terms were finite)")
         self.optimizer.step()
+        model.after_step(out)
 
-        self.dead.update(z)
+        self.dead.update(out.z)
         self.step += 1
         self.tokens += len(batch)
         with torch.no_grad():
-            names = list(terms)
-            values = torch.stack([terms[n].detach().float() for n in names] + [
-                metrics.l0(z32), metrics.explained_variance(x, x_hat32),
+            names = ["loss", *values]
+            stacked = torch.stack([terms[n].detach().float() for n in names] + [
+                metrics.l0(out32.z), metrics.explained_variance(x, out32.x_hat),
                 self.dead.dead_fraction(), grad_norm.float()]).tolist()
-        out: Metrics = {"step": float(self.step), "tokens": float(self.tokens), "lr": lr,
-                        "alpha": w.alpha, "beta": w.beta, "gamma": w.gamma}
-        out.update(zip(names + ["l0", "ev", "dead_frac", "grad_norm"], values))
-        self.last_metrics = out
-        return out
+        result: Metrics = {"step": float(self.step), "tokens": float(self.tokens), "lr": lr, **weights}
+        result.update(zip(names + ["l0", "ev", "dead_frac", "grad_norm"], stacked))
+        return result
+
+    def _observe_gradients(self, out: ForwardOutput, values: dict[str, torch.Tensor],
+                           weights: dict[str, float]) -> None:
+        """Gradient balancing: a balanced term measures its gradient on the codes against the reconstruction's."""
+        for term in self.terms:
+            balance = getattr(term, "balance", None)
+            if balance is None or term.name not in values:
+                continue
+            g_rec = torch.autograd.grad(weights["alpha"] * values["mse"], out.z, retain_graph=True)[0]
+            g_term = torch.autograd.grad(values[term.name], out.z, retain_graph=True)[0]
+            balance.observe(g_rec.float().norm().item(), g_term.float().norm().item())
 
     @staticmethod
     def _check_finite(step: int, terms: dict[str, torch.Tensor]) -> None:
@@ -145,21 +174,79 @@ class Trainer:
             if not torch.isfinite(t):
                 raise DivergenceError(f"step {step}: loss term '{name}' is {t.item()}")
 
-    def train(self, batches: Iterable[ActivationBatch],
-              callback: Callable[[Metrics], None] | None = None) -> Metrics:
-        """Train until cfg.steps or until `batches` runs out; return the last step's metrics.
+    def _accumulate(self, m: Metrics) -> Metrics | None:
+        """Add one step's metrics to the running sums; the report when one is due."""
+        for key in TRAINING_METRICS:
+            if key in m:  # a term absent at some steps (InfoNCE during its warm-up) averages over its own steps
+                self._sums[key] = self._sums.get(key, 0.0) + m[key]
+                self._counts[key] = self._counts.get(key, 0) + 1
+        if self.step % self.cfg.log_every and not self.done:
+            return None
+        report = {k: v / self._counts[k] for k, v in self._sums.items()}
+        report.update({k: v for k, v in m.items() if k not in TRAINING_METRICS})
+        t0, tokens0 = self._clock
+        now = time.perf_counter()
+        report["tokens_per_s"] = (self.tokens - tokens0) / max(now - t0, 1e-9)
+        self._sums, self._counts, self._clock = {}, {}, (now, self.tokens)
+        self.last_report = report
+        return report
+
+    def fit(self, batches: Iterable[ActivationBatch], hooks: Sequence[Hook] = ()) -> Metrics:
+        """Train until cfg.steps or until `batches` runs out; return the last report.
 
         `batches` must start at `self.batches_consumed` (a fresh trainer: the start of the stream).
-        `callback` gets the metrics dict every cfg.log_every steps and after step cfg.steps.
         Raises CscError if the trainer has still taken no step at all: a 0-step SAE has no result.
         """
+        self._clock = (time.perf_counter(), self.tokens)
         for batch in batches:
             if self.done:
                 break
-            out = self.update(self.step, batch)
-            if callback is not None and (self.step % self.cfg.log_every == 0 or self.done):
-                callback(out)
+            m = self.update(self.step, batch)
+            for hook in hooks:
+                hook.on_step(self, m)
+            report = self._accumulate(m)
+            if report is not None:
+                for hook in hooks:
+                    hook.on_report(self, report)
         if self.step == 0:
             raise CscError("training ran 0 steps (the batch stream was empty): "
                            "refusing to report a result for an untrained SAE")
-        return self.last_metrics
+        return self.last_report
+
+    # ------------------------------------------------------------------ state (csc.sae.checkpoint serialises it)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit for bit: tensors and JSON-able values, nested."""
+        opt = self.optimizer.state_dict()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        return {
+            "sae_config": self.sae_cfg.model_dump(),
+            "trainer_config": self.cfg.model_dump(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "model": dict(self.model.state_dict()),
+            "optimizer": {"state": {str(i): dict(s) for i, s in opt["state"].items()},
+                          "param_groups": opt["param_groups"]},
+            "terms": {t.name: t.state_dict() for t in self.terms},
+            "dead": self.dead.tokens_since_fired,
+            "rng": rng,
+            "report": {"sums": self._sums, "counts": self._counts, "last": self.last_report},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "state") -> None:
+        self.model.load_tensors(state["model"], source)
+        groups = [{**g, "betas": tuple(g["betas"])} for g in state["optimizer"]["param_groups"]]
+        self.optimizer.load_state_dict({"state": {int(i): s for i, s in state["optimizer"]["state"].items()},
+                                        "param_groups": groups})
+        for t in self.terms:
+            t.load_state_dict(state["terms"][t.name])
+        self.dead.tokens_since_fired.copy_(state["dead"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        report = state["report"]
+        self._sums, self._counts, self.last_report = dict(report["sums"]), dict(report["counts"]), report["last"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        cuda = state["rng"].get("cuda")
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([cuda[str(i)] for i in range(len(cuda))])

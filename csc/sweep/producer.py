@@ -21,9 +21,10 @@ import torch
 
 from csc.activations.source import Activations, Shard, Split
 from csc.config import TrainRunSpec
-from csc.sae.config import SaeConfig
+from csc.pipeline.run import splice_run
+from csc.sae.archs import build_sae
+from csc.sae.config import parse_sae_config
 from csc.sae.model import SparseAutoencoder
-from csc.sae.run import splice_run
 
 NAMESPACE = "csc"
 
@@ -101,7 +102,7 @@ class ActivationProducer:
 
     def splice(self, sae_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, float]:
         """CE/KL on held-out contexts with a trial's SAE spliced into the LM."""
-        sae = SparseAutoencoder.from_tensors(SaeConfig.model_validate(sae_cfg), state)
+        sae = build_sae(parse_sae_config(sae_cfg)).load_tensors(state, "a trial's SAE").eval()
         with self._lock:  # trials call in parallel (max_concurrency)
             self.counts["evaluations"] += 1
         return self._lm.submit(splice_run, self.spec, sae, self.acts).result()

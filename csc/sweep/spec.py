@@ -14,11 +14,15 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from csc.config import Spec, TrainRunSpec
+from csc.sae.config import TrainerConfig
 from csc.errors import SpecError
+from csc.sae.archs import ARCHITECTURES
+from csc.sae.trainer import TRAINING_METRICS
 
-REPORT_METRICS = ("loss", "mse", "l1", "nce", "ev", "l0", "dead_frac")
-"""What every report of a trial carries (averages over the steps since the previous report); only these
-can drive the search and the scheduler, because a trial stopped early never reaches the held-out eval."""
+REPORT_METRICS = TRAINING_METRICS
+"""What the reports of a trial carry (averages over the steps since the previous report; a term's metric only
+where the trial has that term); only these can drive the search and the scheduler, because a trial stopped
+early never reaches the held-out eval."""
 
 
 class SearchParam(Spec):
@@ -188,11 +192,26 @@ class SweepSpec(TrainRunSpec):
 
 
 def with_params(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """The base spec (without `sweep`) with `params` set. A trial whose architecture differs from the base's
+    keeps the base's common sae fields, its own take their defaults, and a searched sae field that its
+    architecture lacks (e.g. sae.k for a relu trial) is left out."""
     data = spec.model_dump(exclude={"sweep"})
+    arch = params.get("sae.architecture", spec.sae.architecture)
+    fields = ARCHITECTURES[arch].config_class.model_fields if arch in ARCHITECTURES else {}
+    if arch != spec.sae.architecture:
+        data["sae"] = {k: v for k, v in data["sae"].items() if k in fields}
     for key, value in params.items():
         section, field = key.split(".", 1)
+        if section == "sae" and fields and field not in fields:
+            continue
         data[section][field] = value
     return data
+
+
+def _architectures(spec: SweepSpec) -> list[str]:
+    """The architectures this sweep's trials can have: the base's and those searched."""
+    searched = spec.sweep.search.get("sae.architecture")
+    return list(dict.fromkeys([spec.sae.architecture, *(searched.ends() if searched else [])]))
 
 
 def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
@@ -200,11 +219,19 @@ def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
     section, _, field = key.partition(".")
     if section not in ("sae", "trainer") or not field or "." in field:
         raise ValueError(f"{where}: searched fields are `sae.<field>` or `trainer.<field>`")
-    cls = type(getattr(spec, section))
-    if field not in cls.model_fields or field == "d_in":
-        raise ValueError(f"{where}: {cls.__name__} has no searchable field {field!r}")
+    params = {key: value}
+    if section == "trainer":
+        if field not in TrainerConfig.model_fields:
+            raise ValueError(f"{where}: TrainerConfig has no searchable field {field!r}")
+    elif field != "architecture":
+        archs = [a for a in _architectures(spec) if a in ARCHITECTURES
+                 and field in ARCHITECTURES[a].config_class.model_fields]
+        if not archs or field == "d_in":
+            raise ValueError(f"{where}: no architecture of this sweep ({', '.join(_architectures(spec))}) has a "
+                             f"searchable field {field!r}")
+        params["sae.architecture"] = archs[0]
     try:
-        checked = TrainRunSpec.model_validate(with_params(spec, {key: value}))
+        checked = TrainRunSpec.model_validate(with_params(spec, params))
     except ValidationError as e:
         raise ValueError(f"{where}: value {value!r} is invalid: {e.errors()[0]['msg']}") from None
     return getattr(getattr(checked, section), field)

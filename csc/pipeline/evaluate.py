@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from csc.activations.batch import ActivationBatch
+from csc.sae.batch import ActivationBatch
 from csc.activations.capture import base_model, decoder_layers
 from csc.sae import metrics
 from csc.sae.model import SparseAutoencoder
@@ -57,7 +57,7 @@ def splice_scores(model: nn.Module, sae: SparseAutoencoder, contexts: torch.Tens
     sae_device = sae.W_dec.device
 
     def through_sae(x: torch.Tensor) -> torch.Tensor:
-        x_hat, _ = sae(x.to(sae_device, torch.float32) * scale)
+        x_hat = sae(x.to(sae_device, torch.float32) * scale).x_hat
         return (x_hat / scale).to(device, dtype)
 
     sums = {k: 0.0 for k in ("ce_clean", "ce_spliced", "ce_ablated", "kl_spliced", "kl_ablated")}
@@ -93,9 +93,9 @@ def reconstruction_scores(sae: SparseAutoencoder, batches: Iterable[ActivationBa
     cos_sum, n, first = 0.0, 0, None
     for batch in batches:
         x = batch.anchors.to(device)
-        x_hat, z = sae(x)
-        stats.update(x, x_hat, z)
-        cos_sum += metrics.cosine_similarity(x, x_hat).item() * x.shape[0]
+        out = sae(x)
+        stats.update(x, out.x_hat, out.z)
+        cos_sum += metrics.cosine_similarity(x, out.x_hat).item() * x.shape[0]
         n += x.shape[0]
         if first is None:
             first = batch

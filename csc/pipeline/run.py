@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from csc.pipeline import plots
-from csc.activations.batch import ActivationBatch
 from csc.activations.source import Activations, ShardSource, shard_batches
 from csc.config import TrainRunSpec
 from csc.errors import CscError
+from csc.pipeline import plots
+from csc.pipeline.evaluate import reconstruction_scores, splice_scores
+from csc.sae.batch import ActivationBatch
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
-from csc.sae.evaluate import reconstruction_scores, splice_scores
-from csc.sae.export import export_saelens, load_exported
+from csc.sae.export import HookInfo, load_sae, save_sae
 from csc.sae.metrics import DensityHistogram
 from csc.sae.model import SparseAutoencoder
-from csc.sae.trainer import Metrics, Trainer
+from csc.sae.trainer import Hook, Metrics, Trainer
 
 SPEC_FILE = "spec.json"
 
@@ -48,6 +48,45 @@ def training_stream(acts: ShardSource, batch_size: int, seed: int, start: int = 
         passes = shard_batches(acts, "train", batch_size, seed=seed + e)
         yield from itertools.islice(passes, skip, None)
         skip = 0
+
+
+def hook_info(spec: TrainRunSpec, norm_scale: float) -> HookInfo:
+    """Where the SAEs of this spec read, for their exports."""
+    a = spec.activations
+    return HookInfo(model_name=spec.model.name, hook_layer=a.layer, norm_scale=norm_scale,
+                    context_size=a.context_length, dataset_path=spec.corpus.source)
+
+
+class RunLog(Hook):
+    """`csc train`'s hook: a progress bar, one metrics.jsonl line per report, a checkpoint every
+    `checkpoint_every` steps (the last one is saved after training)."""
+
+    def __init__(self, spec: TrainRunSpec, out: Path, trainer: Trainer, progress: bool,
+                 callback: Callable[[Metrics], None] | None):
+        self.spec, self.ckpt, self.callback = spec, out / "checkpoint", callback
+        log_path = out / "metrics.jsonl"
+        if log_path.exists():  # resumed: drop reports of steps after the checkpoint, they are trained again
+            kept = [x for x in log_path.read_text().splitlines() if json.loads(x)["step"] <= trainer.step]
+            log_path.write_text("".join(x + "\n" for x in kept))
+        self.log = log_path.open("a")
+        self.bar = tqdm(total=spec.trainer.steps, initial=trainer.step, desc="train", unit="step",
+                        disable=not progress)
+
+    def on_step(self, trainer: Trainer, metrics: Metrics) -> None:
+        self.bar.update(1)
+        if trainer.step % self.spec.checkpoint_every == 0 and not trainer.done:
+            save_checkpoint(trainer, self.ckpt)
+
+    def on_report(self, trainer: Trainer, report: Metrics) -> None:
+        self.log.write(json.dumps(report) + "\n")
+        self.log.flush()
+        self.bar.set_postfix(loss=f"{report['loss']:.3g}", ev=f"{report['ev']:.3f}", l0=f"{report['l0']:.0f}")
+        if self.callback is not None:
+            self.callback(report)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
 
 
 def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Activations | None = None,
@@ -68,45 +107,22 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
     out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE).write_text(spec.model_dump_json(indent=1))
 
-    log_path = out / "metrics.jsonl"
-    if log_path.exists():  # resumed: drop reports of steps after the checkpoint, they are trained again
-        kept = [x for x in log_path.read_text().splitlines() if json.loads(x)["step"] <= trainer.step]
-        log_path.write_text("".join(x + "\n" for x in kept))
-    log = log_path.open("a")
-    bar = tqdm(total=spec.trainer.steps, initial=trainer.step, desc="train", unit="step", disable=not progress)
     t0, tokens0 = time.perf_counter(), trainer.tokens
-
-    def report(m: Metrics) -> None:
-        m = {**m, "tokens_per_s": (m["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)}
-        log.write(json.dumps(m) + "\n")
-        log.flush()
-        bar.set_postfix(loss=f"{m['loss']:.3g}", ev=f"{m['ev']:.3f}", l0=f"{m['l0']:.0f}")
-        if callback is not None:
-            callback(m)
-
-    def stepped(stream: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
-        for batch in stream:
-            yield batch
-            bar.update(1)
-            if trainer.step % spec.checkpoint_every == 0 and not trainer.done:  # the last one is saved below
-                save_checkpoint(trainer, ckpt)
-
+    log = RunLog(spec, out, trainer, progress, callback)
     try:
-        stream = training_stream(acts, spec.trainer.batch_size, spec.trainer.seed, start=trainer.batches_consumed)
         if not trainer.done:
-            trainer.train(stepped(stream), callback=report)
+            trainer.fit(training_stream(acts, spec.trainer.batch_size, spec.trainer.seed,
+                                        start=trainer.batches_consumed), [log])
         save_checkpoint(trainer, ckpt)
     finally:
-        bar.close()
         log.close()
     train_seconds = time.perf_counter() - t0
-    a = spec.activations
-    export_saelens(trainer.model, out / "sae", model_name=spec.model.name, hook_name=f"blocks.{a.layer}.hook_resid_post",
-                   hook_layer=a.layer, norm_scale=acts.scale, context_size=a.context_length,
-                   dataset_path=spec.corpus.source)
+    save_sae(trainer.model, out / "sae", hook_info(spec, acts.scale))
     results, hist = evaluate_run(spec, trainer.model, acts)
+    a = spec.activations
     plots.training_curves([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
-                          out / "curves.png", title=f"{spec.model.name} layer {a.layer}, gamma {spec.trainer.gamma}")
+                          out / "curves.png", title=f"{spec.model.name} layer {a.layer}, {trainer.sae_cfg.architecture}, "
+                                                    f"gamma {spec.trainer.gamma}")
     plots.density_histogram(hist, out / "density.png", title=f"dictionary {trainer.sae_cfg.dict_size}")
     results["train_steps"] = float(trainer.step)
     results["train_tokens"] = float(trainer.tokens)
@@ -150,7 +166,7 @@ def evaluate_saved(run_dir: Path) -> dict[str, float]:
     if not spec_path.is_file():
         raise CscError(f"{run_dir}: no {SPEC_FILE} beside the exported SAE; give the run folder that `csc train` wrote")
     spec = TrainRunSpec.model_validate_json(spec_path.read_text())
-    sae, meta = load_exported(sae_dir)
+    sae, meta = load_sae(sae_dir)
     acts = Activations(spec)
     if abs(meta["csc_norm_scale"] - acts.scale) > 1e-6 * acts.scale:
         raise CscError(f"{sae_dir}: the SAE was trained with normalisation scale {meta['csc_norm_scale']}, "

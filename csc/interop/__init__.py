@@ -1,0 +1,1 @@
+"""Optional bridges to other SAE libraries (each module needs its library installed)."""

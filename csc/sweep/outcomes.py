@@ -1,0 +1,210 @@
+"""What a sweep keeps of its trials, in its folder, with or without a tracker.
+
+A Tune callback (TrialRecords, on the driver) writes, as trials end:
+    trial_NN/sae/        the SAE of the trial's last checkpoint (finished and stopped-early trials), exported
+                         in SAELens layout by the trial itself (the checkpoint's sae/)
+    trial_NN/curves.png  its training curves, from every report it made (Tune's result.json)
+    trial_NN/error.txt   a failed trial's traceback
+and, when the sweep ends, its reports: trials.json (what `csc report` reads), trials.csv, pareto.png,
+progression.png (csc.sweep.report). Each of those is then handed to the tracker, if the sweep has one
+(csc.sweep.tracking); the files never wait for it.
+
+A trial's outcome: finished (trained all its steps), stopped_early (the scheduler stopped it, see
+csc.sweep.scheduler), failed (the reason is the error's line), or running (not ended, or ended by an
+interrupted sweep: --resume continues it). Its metrics are every number it reported, whatever loss terms
+the trainer has, except Tune's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ray.air.constants import EXPR_RESULT_FILE
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT, TRIAL_ID
+
+from csc.pipeline import plots
+from csc.sweep import report
+from csc.sweep.scheduler import stopped_by_scheduler
+from csc.sweep.spec import SweepSpec
+from csc.sweep.tracking import Tracker
+
+TRIALS_FILE = "trials.json"
+REPORTS = (TRIALS_FILE, "trials.csv", "pareto.png", "progression.png")
+NOT_METRICS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, SHOULD_CHECKPOINT, EXPERIMENT_TAG, TRIAL_ID, "step"))
+"""Keys of a Tune result that are not the trial's figures: what Tune adds to every report, and the step
+(the x axis of every figure)."""
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error reports for terminals
+
+
+def trial_name(trial: Trial) -> str:
+    """trial_<n>: n counts the sweep's trials from 1, in the order the searcher made them."""
+    n = str(trial.experiment_tag).split("_", 1)[0]
+    return f"trial_{int(n):02d}" if n.isdigit() else f"trial_{trial.trial_id}"
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """The figures of one report: every number the trial reported, Tune's bookkeeping and the step left out."""
+    return {k: float(v) for k, v in result.items()
+            if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def reported_history(trial: Trial) -> list[dict[str, float]]:
+    """Every report of the trial, one row per step ({"step": s, **metrics}), from the result file Tune keeps on
+    the driver (restored with the sweep on --resume). A step reported again after a restart from a checkpoint
+    keeps its first report, as the tracker does."""
+    path = Path(trial.local_path) / EXPR_RESULT_FILE
+    rows: dict[int, dict[str, float]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        if line.strip():
+            result = json.loads(line)
+            step = int(result.get("step", 0))
+            rows.setdefault(step, {"step": float(step), **metrics_of(result)})
+    return [rows[s] for s in sorted(rows)]
+
+
+def error_reason(text: str) -> str:
+    """The last line that names an exception: Ray wraps the trial's error in its own report."""
+    lines = [ln.strip() for ln in ANSI.sub("", text).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+    return named[-1] if named else (lines[-1] if lines else "unknown error")
+
+
+def _error_text(trial: Trial) -> str:
+    """What Tune wrote of the trial's failures (empty when there is no error file)."""
+    path = Path(trial.error_file) if trial.error_file else None
+    return path.read_text() if path is not None and path.is_file() else ""
+
+
+def trial_row(trial: Trial, spec: SweepSpec, sweep_dir: str | Path, status: str | None = None) -> dict[str, Any]:
+    """What the sweep's reports show of one trial (see csc.sweep.report). `status`: the one the trial is about
+    to take (Tune calls on_trial_complete/on_trial_error before it sets it)."""
+    status = status or trial.status
+    trial_spec = spec.trial(trial.config)
+    total = trial_spec.trainer.steps
+    last = trial.last_result or {}
+    steps = int(last.get("step", 0))
+    metrics = metrics_of(last)
+    row = {"trial": trial_name(trial), "trial_id": trial.trial_id, "params": dict(trial.config),
+           "dict_size": trial_spec.sae.dict_size, "steps_done": steps, "steps_total": total, "metrics": metrics}
+    if status == Trial.ERROR:
+        row.update(outcome="failed", reason=error_reason(_error_text(trial)))
+    elif status == Trial.TERMINATED:
+        if steps >= total:
+            row["outcome"] = "finished"
+        elif trial.trial_id not in stopped_by_scheduler(sweep_dir):
+            row["outcome"] = "running"  # stopped by an interruption: --resume continues it
+        else:
+            asha = spec.sweep.scheduler
+            row["outcome"] = "stopped_early"
+            row["reason"] = (f"ASHA stopped it at step {steps} of {total}: {asha.metric} "
+                             f"{metrics.get(asha.metric, float('nan')):.4g} was not in the best "
+                             f"1/{asha.reduction_factor:g} of the trials at that rung") if asha else \
+                f"stopped at step {steps} of {total}"
+    else:
+        row["outcome"] = "running"
+    return row
+
+
+def write_reports(rows: list[dict[str, Any]], sweep_dir: Path) -> list[Path]:
+    """The sweep's reports from its trial rows; returns their paths (REPORTS, in order)."""
+    (sweep_dir / TRIALS_FILE).write_text(json.dumps(rows, indent=1))
+    report.write_trials_table(rows, sweep_dir / "trials.csv")
+    report.pareto_plot(rows, sweep_dir / "pareto.png")
+    report.progression_plot(rows, sweep_dir / "progression.png")
+    return [sweep_dir / name for name in REPORTS]
+
+
+class TrialRecords(Callback):
+    """Keeps each trial's artifacts and the sweep's reports in the sweep folder, and hands every record to
+    `tracker` (None: the folder alone). Only the driver runs it."""
+
+    def __init__(self, spec_json: str, sweep_dir: str, tracker: Tracker | None = None):
+        self.spec_json, self.sweep_dir, self.tracker = spec_json, sweep_dir, tracker
+        self._told: set[str] = set()
+
+    def __getstate__(self):  # Tune pickles its callbacks; a restored tracker is told of its trials again
+        return {**self.__dict__, "_told": set()}
+
+    @property
+    def spec(self) -> SweepSpec:
+        return SweepSpec.model_validate_json(self.spec_json)
+
+    def row(self, trial: Trial, status: str | None = None) -> dict[str, Any]:
+        return trial_row(trial, self.spec, self.sweep_dir, status)
+
+    def _tracker(self, trial: Trial) -> Tracker | None:
+        """The tracker, once told of the trial (once per driver process, before anything else about it)."""
+        if self.tracker is not None and trial.trial_id not in self._told:
+            self._told.add(trial.trial_id)
+            spec = self.spec.trial(trial.config)
+            self.tracker.trial_started(trial.trial_id, trial_name(trial), {
+                "sae": spec.sae.model_dump(), "trainer": spec.trainer.model_dump(), "searched": dict(trial.config)})
+        return self.tracker
+
+    def _trial_dir(self, trial: Trial) -> Path:
+        """Where a trial's exported SAE and plots are kept, beside its checkpoints."""
+        path = Path(self.sweep_dir) / trial_name(trial)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info):
+        self._tracker(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info):
+        if tracker := self._tracker(trial):
+            tags = {"csc.node_id": str(result["node_id"])} if "node_id" in result else {}  # where it trained last
+            tracker.log_metrics(trial.trial_id, int(result.get("step", 0)), metrics_of(result), tags)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info):
+        row = self.row(trial, Trial.TERMINATED)
+        if row["outcome"] == "running":
+            return  # the sweep is being interrupted: the trial goes on with --resume
+        kept = self._keep(trial, row)
+        if tracker := self._tracker(trial):
+            tracker.trial_finished(trial.trial_id, row["outcome"],
+                                   {"csc.stop_reason": row["reason"]} if "reason" in row else {}, kept)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info):
+        row = self.row(trial, Trial.ERROR)
+        kept, text = [], _error_text(trial)
+        if text:
+            path = self._trial_dir(trial) / "error.txt"
+            path.write_text(ANSI.sub("", text))
+            kept.append(path)
+        if tracker := self._tracker(trial):
+            tracker.trial_finished(trial.trial_id, "failed", {"csc.failure_reason": row["reason"]}, kept)
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info):
+        """Tune retries the trial from its last checkpoint: its record goes on, and says so."""
+        if tracker := self._tracker(trial):
+            tracker.trial_retried(trial.trial_id, {"csc.retries": str(trial.run_metadata.num_failures),
+                                                   "csc.last_retry_reason": error_reason(_error_text(trial))})
+
+    def _keep(self, trial: Trial, row: dict[str, Any]) -> list[Path]:
+        """The SAE of the trial's last checkpoint and its curves, in its folder; returns what the tracker keeps:
+        those and the held-out figures (eval.json, from the final checkpoint, on the sweep's storage)."""
+        local, kept = self._trial_dir(trial), []
+        if trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as d:
+                if (Path(d) / "sae").is_dir():
+                    shutil.copytree(Path(d) / "sae", local / "sae", dirs_exist_ok=True)
+                    kept.append(local / "sae")
+                if (Path(d) / "eval.json").is_file():
+                    kept.append(Path(d) / "eval.json")
+        history = reported_history(trial)
+        if history:
+            title = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+            plots.training_curves(history, local / "curves.png", title=f"{row['trial']}: {title}")
+            kept.append(local / "curves.png")
+        return kept
+
+    def on_experiment_end(self, trials: list[Trial], **info):
+        paths = write_reports([self.row(t) for t in trials], Path(self.sweep_dir))
+        if self.tracker is not None:
+            self.tracker.sweep_artifacts(paths)

@@ -1,0 +1,53 @@
+"""Where a sweep's records go besides its folder: a tracker (csc.sweep.tracking.mlflow is the one csc has).
+
+The sweep folder never depends on a tracker: csc.sweep.outcomes writes every trial's artifacts and the
+sweep's reports there first, then hands the tracker what it should record. The driver alone calls a tracker
+(Tune callbacks and csc.sweep.run), so trials need no tracking credentials. A tracker must not fail the
+sweep: one whose store is down keeps its records and sends them when it answers again.
+
+Tune pickles its callbacks, and so the tracker, into the sweep folder (restored by --resume): a tracker
+pickles its settings and ids, never a live client or records in flight, and finds its records again by the
+ids it was given (start_sweep's, the trials' keys). Tags are named `csc.*`: the callers choose them,
+trackers record them as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from csc.sweep.spec import SweepSpec
+
+
+class Tracker(Protocol):
+    name: str
+    """How messages call it ("MLflow")."""
+
+    def start_sweep(self, name: str, sweep_dir: str, spec: SweepSpec,
+                    resume: dict[str, Any] | None = None) -> dict[str, str]:
+        """Open the sweep's record and record its spec; returns the ids that find it again, which the
+        sweep's state file keeps; `resume`: that state (--resume), to reopen the same record."""
+
+    def trial_started(self, key: str, name: str, params: dict[str, Any]) -> None:
+        """Open the record of trial `key` (Tune's trial id; `name`: trial_NN), with its params (nested
+        sections), or reopen it if a previous run of the sweep made it. Called once per trial and driver
+        process, before any other call about that trial."""
+
+    def log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """One report of the trial at training step `step`; a step already recorded is not recorded again
+        (a resumed or retried trial reports again the steps since its last checkpoint)."""
+
+    def trial_retried(self, key: str, tags: dict[str, str]) -> None:
+        """Tune retries the trial from its last checkpoint after a failure: the same record goes on."""
+
+    def trial_finished(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path]) -> None:
+        """The trial ended: outcome finished, stopped_early or failed; `artifacts`: files and folders to
+        keep with it, each under its own name."""
+
+    def sweep_artifacts(self, paths: list[Path]) -> None:
+        """The sweep's reports: the trials' last record, after which whatever the tracker still holds is
+        sent (waiting a while for a store that is down) or listed in the sweep folder as unsent."""
+
+    def end_sweep(self, status: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """Close the sweep's record: status finished, interrupted (--resume continues it) or failed. Raises
+        if it cannot, after retries of its own."""
