@@ -1,5 +1,5 @@
-"""Quality at a matched token budget: csc (gamma > 0), csc (gamma = 0), TopK and SAELens's standard SAE,
-each over a small sparsity sweep, trained on the same cached activations in the same order and scored by
+"""Quality at a matched token budget: csc (gamma > 0), csc (gamma = 0), TopK, BatchTopK, JumpReLU and SAELens's
+standard SAE, each over a small sparsity sweep, trained on the same cached activations in the same order and scored by
 the same evaluation (held-out explained variance and L0, CE loss recovered and KL with the SAE spliced in).
 
     python bench/quality.py                  # embedded model, the quickstart's layer; writes bench/quality_pareto.png
@@ -10,6 +10,10 @@ Methods (every one: dictionary 2048, batch 512, the same `--steps`, lr 3e-4 with
   csc gamma=0       the same without the InfoNCE term
   csc gamma=0, no LayerNorm   the same without the pre-encoder LayerNorm (what the LayerNorm itself does)
   TopK              csc's TopK architecture (k swept), no LayerNorm, no L1: Gao et al.'s recipe
+  BatchTopK         csc's BatchTopK (k swept; Bussmann et al.), no LayerNorm; scored at inference, with its
+                    learned global threshold
+  JumpReLU          csc's JumpReLU (Rajamanoharan et al., Gemma Scope), no LayerNorm, L0 weight beta fixed and the
+                    initial threshold swept (see --thresholds)
   SAELens standard  sae_lens.SAETrainer on StandardTrainingSAE (L1 weighted by decoder norms, swept), fed the
                     same scaled activations; its weights are loaded into csc's SAE for scoring (the forward is
                     checked to match) - needs `pip install -e '.[bench]'`
@@ -36,9 +40,11 @@ import torch  # noqa: E402
 
 from csc.activations.source import Activations  # noqa: E402
 from csc.config import TrainRunSpec, load_spec  # noqa: E402
-from csc.sae.config import SaeConfig  # noqa: E402
+from csc.pipeline.run import evaluate_run, training_stream  # noqa: E402
+from csc.sae.archs import build_sae  # noqa: E402
+from csc.sae.archs.relu import ReluConfig  # noqa: E402
+from csc.sae.config import parse_sae_config  # noqa: E402
 from csc.sae.model import SparseAutoencoder  # noqa: E402
-from csc.sae.run import evaluate_run, training_stream  # noqa: E402
 from csc.sae.trainer import Trainer  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
@@ -48,9 +54,12 @@ METRICS = ("explained_variance", "l0", "ce_loss_recovered", "kl_spliced", "dead_
            "code_sim_negative")
 
 
-def train_csc(spec: TrainRunSpec, acts: Activations, sae: SaeConfig, **trainer) -> SparseAutoencoder:
-    t = Trainer(sae.model_copy(update={"d_in": acts.d_model}), spec.trainer.model_copy(update=trainer))
-    t.train(training_stream(acts, spec.trainer.batch_size, spec.trainer.seed))
+def train_csc(spec: TrainRunSpec, acts: Activations, architecture: str, layer_norm: bool = True,
+              sae: dict | None = None, **trainer) -> SparseAutoencoder:
+    cfg = parse_sae_config({"architecture": architecture, "dict_size": spec.sae.dict_size, "d_in": acts.d_model,
+                            "layer_norm": layer_norm, **(sae or {})})
+    t = Trainer(cfg, spec.trainer.model_copy(update=trainer))
+    t.fit(training_stream(acts, spec.trainer.batch_size, spec.trainer.seed))
     return t.model
 
 
@@ -70,11 +79,11 @@ def train_saelens(spec: TrainRunSpec, acts: Activations, l1: float, mean_init: b
             sae.b_dec.copy_(next(training_stream(acts, tr.batch_size, tr.seed)).anchors.mean(dim=0))
     SAETrainer(cfg, sae, data_provider=batches).fit()
     sd = {k: v.detach() for k, v in sae.state_dict().items()}
-    ours = SparseAutoencoder.from_tensors(SaeConfig(d_in=acts.d_model, dict_size=spec.sae.dict_size, layer_norm=False),
-                                          {n: sd[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    ours = build_sae(ReluConfig(d_in=acts.d_model, dict_size=spec.sae.dict_size, layer_norm=False)).load_tensors(
+        {n: sd[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}, "SAELens")
     x = next(training_stream(acts, tr.batch_size, tr.seed + 1)).anchors
     with torch.no_grad():
-        if not torch.allclose(sae(x), ours(x)[0], atol=1e-3, rtol=1e-4):
+        if not torch.allclose(sae(x), ours(x).x_hat, atol=1e-3, rtol=1e-4):
             raise RuntimeError("SAELens's forward and csc's forward with its weights differ: scores would be wrong")
     return ours
 
@@ -120,7 +129,11 @@ def main() -> None:
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--betas", type=float, nargs="+", default=[0.04, 0.16, 0.64, 2.56], help="csc L1 sweep")
-    p.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128, 256], help="TopK sweep")
+    p.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128, 256], help="TopK and BatchTopK sweep")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.8],
+                   help="JumpReLU sweep of threshold_init (its L0 weight fixed at --jump-beta): in a run this short the "
+                        "thresholds move by about lr per step, so their start sets the sparsity")
+    p.add_argument("--jump-beta", type=float, default=1.0, help="JumpReLU's L0 weight")
     p.add_argument("--l1s", type=float, nargs="+", default=[4.0, 8.0, 16.0, 32.0], help="SAELens l1_coefficient sweep")
     p.add_argument("--ce-contexts", type=int, default=16, help="held-out contexts for CE/KL")
     p.add_argument("--plot", type=Path, default=Path("bench/quality_pareto.png"))
@@ -140,16 +153,20 @@ def main() -> None:
     acts = Activations(spec)
     for split in ("train", "eval"):
         acts.build(split)
-    relu = spec.sae.model_copy(update={"architecture": "relu", "layer_norm": True})
     runs: dict[str, list[tuple[str, object]]] = {
         f"csc contrastive (gamma {a.gamma:g}, tau {a.temperature:g})": [
-            (f"beta {b:g}", lambda b=b: train_csc(spec, acts, relu, beta=b, gamma=a.gamma, temperature=a.temperature))
+            (f"beta {b:g}", lambda b=b: train_csc(spec, acts, "relu", beta=b, gamma=a.gamma, temperature=a.temperature))
             for b in a.betas],
-        "csc gamma=0": [(f"beta {b:g}", lambda b=b: train_csc(spec, acts, relu, beta=b, gamma=0.0)) for b in a.betas],
+        "csc gamma=0": [(f"beta {b:g}", lambda b=b: train_csc(spec, acts, "relu", beta=b, gamma=0.0)) for b in a.betas],
         "csc gamma=0, no LayerNorm": [(f"beta {b:g}", lambda b=b: train_csc(
-            spec, acts, relu.model_copy(update={"layer_norm": False}), beta=b, gamma=0.0)) for b in a.betas],
-        "TopK": [(f"k {k}", lambda k=k: train_csc(spec, acts, spec.sae.model_copy(
-            update={"architecture": "topk", "k": k, "layer_norm": False}), beta=0.0, gamma=0.0)) for k in a.ks],
+            spec, acts, "relu", layer_norm=False, beta=b, gamma=0.0)) for b in a.betas],
+        **{name: [(f"k {k}", lambda k=k, arch=arch: train_csc(spec, acts, arch, layer_norm=False, sae={"k": k},
+                                                              beta=0.0, gamma=0.0)) for k in a.ks]
+           for name, arch in (("TopK", "topk"), ("BatchTopK", "batchtopk"))},
+        f"JumpReLU (beta {a.jump_beta:g})": [
+            (f"threshold_init {t:g}", lambda t=t: train_csc(spec, acts, "jumprelu", layer_norm=False,
+                                                            sae={"threshold_init": t}, beta=a.jump_beta, gamma=0.0))
+            for t in a.thresholds],
     }
     if importlib.util.find_spec("sae_lens") is not None:
         runs["SAELens standard"] = [(f"l1 {c:g}", lambda c=c: train_saelens(spec, acts, c)) for c in a.l1s]

@@ -27,10 +27,11 @@ import time
 
 import torch
 
-from csc.activations.batch import ActivationBatch
-from csc.sae.config import SaeConfig, TrainerConfig
+from csc.sae.batch import ActivationBatch
+from csc.sae.archs import build_sae
+from csc.sae.archs.relu import ReluConfig
+from csc.sae.config import TrainerConfig
 from csc.sae.losses import info_nce_loss
-from csc.sae.model import SparseAutoencoder
 from csc.sae.trainer import Trainer
 
 
@@ -96,7 +97,7 @@ def main() -> None:
         cfg = TrainerConfig(steps=10 ** 9, batch_size=a.batch, lr_warmup_steps=0, beta_warmup_steps=0,
                             gamma_warmup_steps=0, gamma=gamma, device=str(device),
                             autocast="bf16" if a.bf16 else "fp32")
-        trainer = Trainer(SaeConfig(d_in=a.d, dict_size=a.dict), cfg)
+        trainer = Trainer(ReluConfig(d_in=a.d, dict_size=a.dict), cfg)
         return lambda b: trainer.update(trainer.step, b)
 
     def plain_runner():
@@ -165,7 +166,7 @@ def main() -> None:
     print(f"contrastive term overhead: {(contrastive / plain_csc - 1) * 100:.0f}% per step over csc gamma=0")
 
     # Where the overhead goes: its two parts timed alone, as a share of the csc gamma=0 step.
-    sae = SparseAutoencoder(SaeConfig(d_in=d, dict_size=m)).to(device)
+    sae = build_sae(ReluConfig(d_in=d, dict_size=m), device=device)
     codes = [torch.relu(torch.randn(B, m, device=device)).requires_grad_() for _ in range(2)]
 
     def partner_encode(b: ActivationBatch) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from csc.activations.source import Activations
 from csc.config import TrainRunSpec, default_cache_dir, load_spec
-from csc.sae.run import training_stream
+from csc.pipeline.run import training_stream
 from csc.sae.trainer import Trainer
 from csc.sweep.producer import RemoteActivations, start_producer
 
@@ -41,7 +41,7 @@ def trial(spec_json: str, beta: float, sweep: str | None) -> dict[str, float]:
     spec = spec.model_copy(update={"trainer": spec.trainer.model_copy(update={"beta": beta})})
     acts = RemoteActivations(spec, sweep) if sweep else Activations(spec)
     trainer = Trainer(spec.sae.model_copy(update={"d_in": acts.d_model}), spec.trainer)
-    trainer.train(training_stream(acts, spec.trainer.batch_size, spec.trainer.seed))
+    trainer.fit(training_stream(acts, spec.trainer.batch_size, spec.trainer.seed))
     return {"trained_tokens": trainer.tokens, "lm_tokens": 0 if sweep else acts.lm_tokens}
 
 

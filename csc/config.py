@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from csc.errors import SpecError
+from csc.sae.archs import ARCHITECTURES
 from csc.sae.config import SaeConfig, TrainerConfig
 
 EMBEDDED = "embedded"
@@ -170,7 +171,10 @@ def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None
         lines = []
         for err in e.errors():
             # Keys are the user's text: one with a newline or tab in it is shown quoted.
-            loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in err["loc"])
+            parts = list(err["loc"])
+            if parts[:1] == ["sae"] and len(parts) > 1 and parts[1] in ARCHITECTURES:
+                del parts[1]  # the union's tag: the field is sae.<field> whatever the architecture
+            loc = ".".join(str(p) if str(p).isprintable() else repr(p) for p in parts)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"

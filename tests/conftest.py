@@ -5,6 +5,10 @@ import pytest
 import torch
 
 from csc.config import ActivationsRunSpec, load_spec
+from csc.sae.archs import sae_class
+from csc.sae.config import parse_sae_config
+from csc.sae.model import BaseSaeConfig
+from csc.sae.trainer import Hook, Trainer
 
 # The tests never reach the Hub: fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,3 +41,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Recorder(Hook):
+    """A Trainer.fit hook that keeps every step's metrics and every report."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+        self.reports: list[dict[str, float]] = []
+
+    def on_step(self, trainer, metrics):
+        self.steps.append(metrics)
+
+    def on_report(self, trainer, report):
+        self.reports.append(report)
+
+
+def fit(trainer: Trainer, batches) -> Recorder:
+    """Run trainer.fit(batches) with a Recorder; return the Recorder."""
+    rec = Recorder()
+    trainer.fit(batches, hooks=[rec])
+    return rec
+
+
+def without_clock(reports: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Reports without tokens_per_s (wall-clock), for comparing runs."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in reports]
+
+
+def sae_config(arch: str, d_in: int, dict_size: int, k: int = 4, **fields) -> BaseSaeConfig:
+    """A validated config of architecture `arch`, with `k` where the architecture has one."""
+    extra = {"k": k} if "k" in sae_class(arch).config_class.model_fields else {}
+    return parse_sae_config({"architecture": arch, "d_in": d_in, "dict_size": dict_size, **extra, **fields})

@@ -56,7 +56,7 @@ def test_embedded_pipeline_end_to_end(lm, embedded_cache):
 def test_short_training_on_the_embedded_model_really_learns(lm, embedded_cache, tmp_path):
     """Far from the paper's failed run (EV -0.78, CE 2.93 -> 18.0): EV and CE recovered clearly positive."""
     from csc.config import TrainRunSpec
-    from csc.sae.run import train_run
+    from csc.pipeline.run import train_run
 
     spec = load_spec(TrainRunSpec, None, [
         "activations.layer=12", "activations.contexts_per_shard=8", "activations.lm_batch_size=8",

@@ -5,9 +5,9 @@ import torch
 
 from csc.activations.models import build_tiny_gemma2
 from csc.config import ModelSpec
-from csc.sae.config import SaeConfig
-from csc.sae.evaluate import _final_hidden, reconstruction_scores, splice_scores
-from csc.sae.model import SparseAutoencoder
+from csc.pipeline.evaluate import _final_hidden, reconstruction_scores, splice_scores
+from csc.sae.archs import build_sae
+from csc.sae.archs.relu import ReluConfig
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def _ids(n=5, T=24):
 def test_chunked_clean_ce_equals_transformers_loss_with_softcapping(tiny):
     assert tiny.config.final_logit_softcapping  # Gemma2 caps logits: the test covers that path
     ids = _ids()
-    sae = SparseAutoencoder(SaeConfig(d_in=64, dict_size=128))
+    sae = build_sae(ReluConfig(d_in=64, dict_size=128))
     with torch.no_grad():
         ref = tiny(input_ids=ids, labels=ids).loss.item()
     out = splice_scores(tiny, sae, ids, layer=1, scale=1.0, lm_batch_size=2, chunk_tokens=7)
@@ -48,8 +48,7 @@ def test_identity_splice_reproduces_clean_and_bos_is_untouched(tiny):
 
 def test_kl_and_ce_of_a_perfect_reconstruction(tiny):
     """An SAE whose decoder inverts its encoder exactly (dict = d, identity-like) leaves the LM unchanged."""
-    cfg = SaeConfig(d_in=64, dict_size=128, layer_norm=False)
-    sae = SparseAutoencoder(cfg)
+    sae = build_sae(ReluConfig(d_in=64, dict_size=128, layer_norm=False))
     with torch.no_grad():  # z = [x, -x]+ and W_dec = [I, -I]/1 reconstructs x exactly
         eye = torch.eye(64)
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -63,15 +62,15 @@ def test_kl_and_ce_of_a_perfect_reconstruction(tiny):
 
 
 def test_reconstruction_scores_over_batches():
-    from csc.activations.batch import ActivationBatch
+    from csc.sae.batch import ActivationBatch
 
     g = torch.Generator().manual_seed(1)
     batches = [ActivationBatch(torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g),
                                torch.arange(32) // 4, torch.full((32,), 5)) for _ in range(3)]
-    sae = SparseAutoencoder(SaeConfig(d_in=16, dict_size=48))
+    sae = build_sae(ReluConfig(d_in=16, dict_size=48))
     out, hist = reconstruction_scores(sae, batches)
     x = torch.cat([b.anchors for b in batches])
-    x_hat, z = sae(x)
+    x_hat, z = sae(x).x_hat, sae(x).z
     assert out["tokens"] == 96
     assert out["explained_variance"] == pytest.approx(
         (1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-5)

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from csc.sae.losses import auxk_loss, info_nce_loss, l1_loss, mse_loss
+from csc.sae.archs import ARCHITECTURES, build_sae
+from csc.sae.archs.relu import ReluConfig
+from csc.sae.config import TrainerConfig
+from csc.sae.losses import (TERM_NAMES, WEIGHT_NAMES, AuxK, InfoNCE, Reconstruction, Sparsity, StepInputs,
+                            auxk_loss, build_terms, info_nce_loss)
+from csc.sae.metrics import mse
+from csc.sae.model import ForwardOutput
+from tests.conftest import sae_config
 
 
 def rand(*shape, seed=0):
@@ -91,8 +98,40 @@ def test_info_nce_all_zero_codes_and_no_negatives():
 
 def test_mse_and_l1_conventions():
     x, x_hat, z = rand(5, 4, seed=7), rand(5, 4, seed=8), codes(5, 6, seed=9)
-    assert mse_loss(x, x_hat).item() == pytest.approx(((x - x_hat) ** 2).sum().item() / 5, rel=1e-6)
-    assert l1_loss(z).item() == pytest.approx(z.abs().sum().item() / 5, rel=1e-6)
+    assert mse(x, x_hat).item() == pytest.approx(((x - x_hat) ** 2).sum().item() / 5, rel=1e-6)
+    relu = build_sae(ReluConfig(d_in=4, dict_size=6))
+    out = ForwardOutput(x=x, pre=z, z=z, x_hat=x_hat)
+    assert relu.sparsity_loss(out).item() == pytest.approx(z.abs().sum().item() / 5, rel=1e-6)
+    # The terms compute exactly these.
+    inputs = StepInputs(step=0, batch=None, out=out, model=relu, dead=None, encode=None)
+    cfg = TrainerConfig(steps=10)
+    assert torch.equal(Reconstruction(cfg)(inputs), mse(x, x_hat))
+    assert torch.equal(Sparsity("l1", cfg)(inputs), relu.sparsity_loss(out))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("gamma", [0.0, 0.1])
+def test_build_terms_follows_architecture_and_config(arch, gamma):
+    model = build_sae(sae_config(arch, 8, 16, k=3))
+    revival = "auxk" if model.supports_auxk else "none"
+    terms = build_terms(model, TrainerConfig(steps=10, gamma=gamma, revival=revival))
+    expected = [(Reconstruction, "mse", "alpha")]
+    if model.sparsity_term is not None:
+        expected.append((Sparsity, model.sparsity_term, "beta"))
+    if gamma > 0:
+        expected.append((InfoNCE, "nce", "gamma"))
+    if revival == "auxk":
+        expected.append((AuxK, "auxk", "auxk_coef"))
+    assert [(type(t), t.name, t.weight_name) for t in terms] == expected
+    assert all(t.name in TERM_NAMES and t.weight_name in WEIGHT_NAMES for t in terms)
+    assert [t.optional for t in terms] == [isinstance(t, InfoNCE) for t in terms]
+
+
+def test_term_and_weight_names():
+    assert TERM_NAMES == ("mse", "l1", "l0_penalty", "nce", "auxk")
+    assert WEIGHT_NAMES == ("alpha", "beta", "gamma", "auxk_coef")
+    assert {a: c.sparsity_term for a, c in ARCHITECTURES.items()} == {
+        "relu": "l1", "topk": None, "batchtopk": None, "jumprelu": "l0_penalty"}
 
 
 def test_auxk_matches_loop_and_trains_only_dead_latents():

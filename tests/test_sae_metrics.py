@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from csc.errors import CscError
 from csc.sae import metrics
+from csc.sae.dead import DeadLatentTracker
 
 
 def rand(*shape, seed=0):
@@ -61,8 +62,9 @@ def test_explained_variance_matches_loop_and_golden_values():
 def test_dead_fractions():
     counts = torch.tensor([0, 3, 0, 1])
     assert metrics.dead_fraction(counts) == 0.5
-    since = torch.tensor([0, 10, 99, 100, 500])
-    assert metrics.windowed_dead_fraction(since, 100) == pytest.approx(2 / 5)
+    tracker = DeadLatentTracker(5, window=100)
+    tracker.tokens_since_fired.copy_(torch.tensor([0, 10, 99, 100, 500]))
+    assert tracker.dead_fraction().item() == pytest.approx(2 / 5)
 
 
 def test_feature_density_histogram_against_manual_binning():

@@ -3,8 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from csc.errors import CacheError, CscError
-from csc.sae.config import SaeConfig, TrainerConfig
-from csc.sae.model import SparseAutoencoder
+from csc.sae.archs import build_sae
+from csc.sae.archs.batchtopk import BatchTopKConfig
+from csc.sae.archs.jumprelu import JumpReluConfig
+from csc.sae.archs.relu import ReluConfig
+from csc.sae.archs.topk import TopKConfig
+from csc.sae.config import TrainerConfig
+from csc.sae.model import ForwardOutput
 from csc.sae.trainer import Trainer
 
 
@@ -13,23 +18,23 @@ def rand(*shape, seed=0):
 
 
 def test_init_unit_decoder_tied_encoder_zero_biases():
-    sae = SparseAutoencoder(SaeConfig(d_in=16, dict_size=40), seed=3)
+    sae = build_sae(ReluConfig(d_in=16, dict_size=40), seed=3)
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(40), atol=1e-6)
     assert torch.equal(sae.W_enc, sae.W_dec.T)
     assert not sae.b_enc.any() and not sae.b_dec.any()
-    again = SparseAutoencoder(SaeConfig(d_in=16, dict_size=40), seed=3)
+    again = build_sae(ReluConfig(d_in=16, dict_size=40), seed=3)
     assert torch.equal(again.W_dec, sae.W_dec)
 
 
 def test_building_a_model_leaves_global_rng_alone():
     state = torch.get_rng_state()
-    SparseAutoencoder(SaeConfig(d_in=16, dict_size=40), seed=1)
+    build_sae(ReluConfig(d_in=16, dict_size=40), seed=1)
     assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("layer_norm", [True, False])
 def test_relu_forward_formula(layer_norm):
-    sae = SparseAutoencoder(SaeConfig(d_in=16, dict_size=32, layer_norm=layer_norm), seed=0)
+    sae = build_sae(ReluConfig(d_in=16, dict_size=32, layer_norm=layer_norm), seed=0)
     with torch.no_grad():
         sae.b_dec.copy_(rand(16, seed=1))
         sae.b_enc.copy_(rand(32, seed=2) * 0.1)
@@ -37,15 +42,26 @@ def test_relu_forward_formula(layer_norm):
     u = x - sae.b_dec
     if layer_norm:
         u = (u - u.mean(-1, keepdim=True)) / torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    z_ref = F.relu(u @ sae.W_enc + sae.b_enc)
-    x_hat, z = sae(x)
-    assert torch.allclose(z, z_ref, atol=1e-5)
-    assert torch.allclose(x_hat, z_ref @ sae.W_dec + sae.b_dec, atol=1e-5)
-    assert torch.allclose(sae.decode(sae.encode(x)), x_hat)
+    pre_ref = u @ sae.W_enc + sae.b_enc
+    z_ref = F.relu(pre_ref)
+    out = sae(x)
+    assert isinstance(out, ForwardOutput)
+    assert out.x is x
+    assert torch.allclose(out.pre, pre_ref, atol=1e-5)
+    assert torch.allclose(out.z, z_ref, atol=1e-5)
+    assert torch.allclose(out.x_hat, z_ref @ sae.W_dec + sae.b_dec, atol=1e-5)
+    assert torch.allclose(sae.decode(sae.encode(x)), out.x_hat)
+
+
+def test_relu_sparsity_loss_is_the_l1_of_the_codes():
+    sae = build_sae(ReluConfig(d_in=16, dict_size=32), seed=0)
+    out = sae(rand(5, 16, seed=9))
+    assert sae.sparsity_term == "l1"
+    assert sae.sparsity_loss(out).item() == pytest.approx(out.z.abs().sum().item() / 5, rel=1e-6)
 
 
 def test_topk_keeps_the_k_largest_positive_preactivations():
-    sae = SparseAutoencoder(SaeConfig(d_in=16, dict_size=32, architecture="topk", k=5), seed=0)
+    sae = build_sae(TopKConfig(d_in=16, dict_size=32, k=5), seed=0)
     x = rand(20, 16, seed=4)
     pre = sae.pre_activations(x)
     z = sae.encode(x)
@@ -58,51 +74,78 @@ def test_topk_keeps_the_k_largest_positive_preactivations():
 
 
 def test_init_b_dec_is_the_sample_mean():
-    sae = SparseAutoencoder(SaeConfig(d_in=16, dict_size=32))
+    sae = build_sae(ReluConfig(d_in=16, dict_size=32))
     sample = rand(50, 16, seed=5) + 3
     sae.init_b_dec(sample)
     assert torch.allclose(sae.b_dec, sample.mean(0))
 
 
-def test_all_zero_weights_are_refused(tmp_path):
-    cfg = SaeConfig(d_in=16, dict_size=32)
+def test_all_zero_weights_are_refused():
+    cfg = ReluConfig(d_in=16, dict_size=32)
     for name in ("W_enc", "W_dec"):
-        sae = SparseAutoencoder(cfg)
+        sae = build_sae(cfg)
         with torch.no_grad():
             getattr(sae, name).zero_()
         with pytest.raises(CscError, match=f"{name} is all zero"):
             sae.check_not_degenerate()
         with pytest.raises(CscError, match="all zero"):
             Trainer(cfg, TrainerConfig(steps=1, device="cpu"), model=sae)
-        sae.save(tmp_path / name)
         with pytest.raises(CscError, match="all zero"):
-            SparseAutoencoder.load(tmp_path / name)
-    sae = SparseAutoencoder(cfg)
+            build_sae(cfg).load_tensors(sae.state_dict(), "zeroed")
+    sae = build_sae(cfg)
     with torch.no_grad():
         sae.b_dec[0] = float("nan")
     with pytest.raises(CscError, match="NaN"):
         sae.check_not_degenerate()
+    with pytest.raises(CscError, match="NaN"):
+        build_sae(cfg).load_tensors(sae.state_dict(), "nan")
 
 
-def test_save_load_round_trip(tmp_path):
-    cfg = SaeConfig(d_in=16, dict_size=32, architecture="topk", k=4, layer_norm=False)
-    sae = SparseAutoencoder(cfg, seed=9)
+TENSOR_CASES = {
+    "relu": ReluConfig(d_in=16, dict_size=32),
+    "topk": TopKConfig(d_in=16, dict_size=32, k=4, layer_norm=False),
+    "batchtopk": BatchTopKConfig(d_in=16, dict_size=32, k=4),
+    "jumprelu": JumpReluConfig(d_in=16, dict_size=32, threshold_init=0.2),
+}
+
+
+@pytest.mark.parametrize("arch", TENSOR_CASES)
+def test_load_tensors_round_trip(arch):
+    """load_tensors copies every state_dict tensor, the architecture's own ones included."""
+    cfg = TENSOR_CASES[arch]
+    sae = build_sae(cfg, seed=9)
     with torch.no_grad():
         sae.b_enc.copy_(rand(32, seed=6))
         sae.b_dec.copy_(rand(16, seed=7))
-    sae.save(tmp_path / "s")
-    back = SparseAutoencoder.load(tmp_path / "s")
-    assert back.cfg == cfg
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(back, name), getattr(sae, name))
+        if arch == "jumprelu":
+            sae.threshold.copy_(rand(32, seed=10).abs())
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.3)
+            sae.threshold_seen.fill_(True)
+    back = build_sae(cfg, seed=1)
+    assert back.load_tensors(sae.state_dict(), "test") is back
+    assert back.state_dict().keys() == sae.state_dict().keys()
+    for name, t in sae.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
     x = rand(5, 16, seed=8)
-    assert torch.equal(back(x)[0], sae(x)[0])
+    sae.eval()
+    back.eval()
+    assert torch.equal(back(x).x_hat, sae(x).x_hat)
+    assert torch.equal(back(x).z, sae(x).z)
 
 
-def test_load_rejects_missing_and_mismatched_files(tmp_path):
-    with pytest.raises(CacheError):
-        SparseAutoencoder.load(tmp_path / "nothing")
-    SparseAutoencoder(SaeConfig(d_in=16, dict_size=32)).save(tmp_path / "s")
-    (tmp_path / "s" / "sae_config.json").write_text('{"d_in": 16, "dict_size": 64}')
+def test_load_tensors_rejects_missing_extra_and_mismatched_tensors():
+    cfg = ReluConfig(d_in=16, dict_size=32)
+    tensors = dict(build_sae(cfg).state_dict())
+    with pytest.raises(CacheError, match=r"src: .*missing \['b_dec'\]"):
+        build_sae(cfg).load_tensors({k: v for k, v in tensors.items() if k != "b_dec"}, "src")
+    with pytest.raises(CacheError, match=r"unexpected \['threshold'\]"):
+        build_sae(cfg).load_tensors({**tensors, "threshold": torch.zeros(32)}, "src")
+    wider = build_sae(ReluConfig(d_in=16, dict_size=64)).state_dict()
     with pytest.raises(CacheError, match="shape"):
-        SparseAutoencoder.load(tmp_path / "s")
+        build_sae(cfg).load_tensors(wider, "src")
+    # An architecture's own tensors are required too.
+    with pytest.raises(CacheError, match=r"missing \['threshold'\]"):
+        build_sae(JumpReluConfig(d_in=16, dict_size=32)).load_tensors(tensors, "src")
+    with pytest.raises(CacheError, match=r"missing \['threshold', 'threshold_seen'\]"):
+        build_sae(BatchTopKConfig(d_in=16, dict_size=32, k=4)).load_tensors(tensors, "src")

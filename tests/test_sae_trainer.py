@@ -3,16 +3,19 @@ import itertools
 import pytest
 import torch
 
-from csc.activations.batch import ActivationBatch
 from csc.errors import CscError, DivergenceError, SpecError
 from csc.sae import losses
-from csc.sae.config import SaeConfig, TrainerConfig
+from csc.sae.archs import ARCHITECTURES, build_sae
+from csc.sae.archs.relu import ReluConfig
+from csc.sae.archs.topk import TopKConfig
+from csc.sae.batch import ActivationBatch
+from csc.sae.config import TrainerConfig
 from csc.sae.dead import DeadLatentTracker
-from csc.sae.losses import l1_loss, mse_loss
-from csc.sae.model import SparseAutoencoder
+from csc.sae.metrics import mse
 from csc.sae.optim import ConstrainedAdam
 from csc.sae.synthetic import sparse_dictionary_batches
-from csc.sae.trainer import Trainer, lr_at
+from csc.sae.trainer import TRAINING_METRICS, Trainer, lr_at
+from tests.conftest import Recorder, fit, sae_config
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,18 +35,21 @@ def tcfg(**kw):
 
 
 def test_lr_warmup_is_linear():
-    cfg = TrainerConfig(steps=10, lr=3e-4, lr_warmup_start=1e-4, lr_warmup_steps=1000)
+    cfg = TrainerConfig(steps=5000, lr=3e-4, lr_warmup_start=1e-4, lr_warmup_steps=1000)
     assert lr_at(cfg, 0) == 1e-4
     assert lr_at(cfg, 500) == pytest.approx(2e-4)
     assert lr_at(cfg, 1000) == lr_at(cfg, 5000) == 3e-4
     assert lr_at(cfg.model_copy(update={"lr_warmup_steps": 0}), 0) == 3e-4
+    default = TrainerConfig(steps=5000, lr=3e-4, lr_warmup_start=1e-4)  # warm-up: a tenth of steps
+    assert lr_at(default, 250) == pytest.approx(2e-4)
+    assert lr_at(default, 499) < 3e-4 == lr_at(default, 500)
 
 
 def test_training_on_sparse_synthetic_data_learns():
-    logs = []
-    trainer = Trainer(SaeConfig(d_in=D, dict_size=DICT),
+    trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT),
                       tcfg(steps=200, beta=0.4, gamma=0.1, log_every=1))
-    final = trainer.train(data(200), callback=logs.append)
+    logs = fit(trainer, data(200)).reports
+    final = logs[-1]
     assert logs[0]["ev"] < 0.3
     assert final["ev"] > 0.8
     assert final["l0"] < DICT / 2
@@ -53,15 +59,13 @@ def test_training_on_sparse_synthetic_data_learns():
 
 
 def test_topk_with_auxk_revival_learns_and_trains_dead_latents():
-    sae_cfg = SaeConfig(d_in=D, dict_size=2 * DICT, architecture="topk", k=4, layer_norm=False)
+    sae_cfg = TopKConfig(d_in=D, dict_size=2 * DICT, k=4, layer_norm=False)
     batches = data(200)
     runs = {}
     for revival in ("none", "auxk"):
-        logs = []
         trainer = Trainer(sae_cfg, tcfg(steps=200, beta=0.0, gamma=0.05, revival=revival,
                                         auxk_k=32, dead_window_tokens=10 * B, log_every=1))
-        trainer.train(batches, callback=logs.append)
-        runs[revival] = (trainer, logs)
+        runs[revival] = (trainer, fit(trainer, batches).steps)
     logs = runs["auxk"][1]
     assert logs[-1]["ev"] > 0.7
     assert max(m["l0"] for m in logs) <= 4
@@ -72,34 +76,57 @@ def test_topk_with_auxk_revival_learns_and_trains_dead_latents():
     assert not torch.equal(runs["auxk"][0].model.W_dec, runs["none"][0].model.W_dec)
 
 
-def test_auxk_needs_topk():
-    with pytest.raises(SpecError, match="topk"):
-        Trainer(SaeConfig(d_in=D, dict_size=DICT), tcfg(revival="auxk"))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_auxk_needs_topk_codes(arch):
+    sae_cfg = sae_config(arch, D, DICT)
+    if ARCHITECTURES[arch].supports_auxk:
+        assert arch in ("topk", "batchtopk")
+        Trainer(sae_cfg, tcfg(revival="auxk"))
+    else:
+        with pytest.raises(SpecError, match=rf"topk, batchtopk\), not '{arch}'"):
+            Trainer(sae_cfg, tcfg(revival="auxk"))
 
 
 def test_zero_steps_are_refused():
-    trainer = Trainer(SaeConfig(d_in=D, dict_size=DICT), tcfg())
+    trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT), tcfg())
     with pytest.raises(CscError, match="0 steps"):
-        trainer.train(iter([]))
+        trainer.fit(iter([]))
 
 
-def test_callback_cadence_and_keys():
-    logs = []
-    trainer = Trainer(SaeConfig(d_in=D, dict_size=DICT), tcfg(steps=25, log_every=10, gamma=0.1))
-    trainer.train(data(30), callback=logs.append)
-    assert [m["step"] for m in logs] == [10, 20, 25]  # every log_every, and the last step
-    keys = {"step", "tokens", "lr", "alpha", "beta", "gamma", "loss", "mse", "l1", "nce",
-            "l0", "ev", "dead_frac", "grad_norm"}
-    assert set(logs[-1]) == keys
+def test_hook_cadence_and_keys():
+    rec = Recorder()
+    trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT), tcfg(steps=25, log_every=10, gamma=0.1))
+    assert trainer.fit(data(30), hooks=[rec]) is trainer.last_report is rec.reports[-1]
+    logs = rec.reports
+    assert [m["step"] for m in rec.steps] == list(range(1, 26))  # on_step: every step, batches beyond steps unused
+    assert [m["step"] for m in logs] == [10, 20, 25]  # on_report: every log_every, and the last step
+    step_keys = {"step", "tokens", "lr", "alpha", "beta", "gamma", "loss", "mse", "l1", "nce",
+                 "l0", "ev", "dead_frac", "grad_norm"}
+    assert set(rec.steps[0]) == step_keys - {"nce"}  # gamma is 0 at step 0: InfoNCE not computed
+    assert all(set(m) == step_keys for m in rec.steps[1:])
+    assert all(set(m) == step_keys | {"tokens_per_s"} for m in logs)
     assert all(isinstance(v, float) for v in logs[-1].values())
     assert logs[-1]["tokens"] == 25 * B
+    assert all(m["tokens_per_s"] > 0 for m in logs)
+    # A report averages each per-step metric over the steps since the previous report (a term absent
+    # at some steps over its own steps) and carries step, tokens, lr and weights of its last step.
+    for report, window in zip(logs, (rec.steps[0:10], rec.steps[10:20], rec.steps[20:25])):
+        for key in TRAINING_METRICS:
+            values = [m[key] for m in window if key in m]
+            if not values:
+                assert key not in report, key
+                continue
+            assert report[key] == pytest.approx(sum(values) / len(values), rel=1e-12), key
+        for key in ("step", "tokens", "lr", "alpha", "beta", "gamma"):
+            assert report[key] == window[-1][key], key
+    assert logs[0]["nce"] == pytest.approx(sum(m["nce"] for m in rec.steps[1:10]) / 9, rel=1e-12)
     expected = logs[-1]["alpha"] * logs[-1]["mse"] + logs[-1]["beta"] * logs[-1]["l1"] \
         + logs[-1]["gamma"] * logs[-1]["nce"]
     assert logs[-1]["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_update_refuses_out_of_order_steps():
-    trainer = Trainer(SaeConfig(d_in=D, dict_size=DICT), tcfg())
+    trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT), tcfg())
     with pytest.raises(ValueError):
         trainer.update(3, data(1)[0])
 
@@ -110,34 +137,36 @@ def test_inf_in_a_batch_raises_divergence_naming_step_and_term():
     anchors = bad.anchors.clone()
     anchors[7, 3] = float("inf")
     batches[4] = ActivationBatch(anchors, bad.partners, bad.seq_id, bad.position)
-    trainer = Trainer(SaeConfig(d_in=D, dict_size=DICT, layer_norm=False), tcfg(gamma=0.0))
+    trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT, layer_norm=False), tcfg(gamma=0.0))
     with pytest.raises(DivergenceError, match=r"step 4: loss term 'mse' is (inf|nan)"):
-        trainer.train(batches)
+        trainer.fit(batches)
     assert trainer.step == 4  # the bad step was not applied
     assert torch.isfinite(trainer.model.W_enc).all()
 
 
 def test_absurd_learning_rate_diverges_loudly():
-    trainer = Trainer(SaeConfig(d_in=D, dict_size=DICT, layer_norm=False),
+    trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT, layer_norm=False),
                       tcfg(lr=1e30, lr_warmup_start=1e30, gamma=0.1))
     with pytest.raises(DivergenceError, match=r"step \d+: (loss term '\w+'|the gradient norm) is"):
-        trainer.train(data(40))
+        trainer.fit(data(40))
 
 
-def test_gamma_zero_is_exactly_the_plain_sae(monkeypatch):
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_gamma_zero_is_exactly_the_plain_sae(monkeypatch, arch):
     """gamma=0 must be the plain SAE bit for bit: compare with a hand-written plain loop."""
-    sae_cfg = SaeConfig(d_in=D, dict_size=DICT)
+    sae_cfg = sae_config(arch, D, DICT)
     cfg = tcfg(steps=30, gamma=0.0, balance=True)
     batches = data(30)
 
     def no_nce(*a, **k):
         raise AssertionError("InfoNCE computed although gamma = 0")
 
-    monkeypatch.setattr("csc.sae.trainer.info_nce_loss", no_nce)
+    monkeypatch.setattr("csc.sae.losses.info_nce_loss", no_nce)
+    monkeypatch.setattr(losses.InfoNCE, "__call__", no_nce)
     trainer = Trainer(sae_cfg, cfg)
-    trainer.train(batches)
+    trainer.fit(batches)
 
-    model = SparseAutoencoder(sae_cfg, seed=cfg.seed)
+    model = build_sae(sae_cfg, seed=cfg.seed)
     opt = ConstrainedAdam(model.parameters(), [model.W_dec], lr=cfg.lr)
     for step, batch in enumerate(batches):
         x = batch.anchors.float()
@@ -145,25 +174,30 @@ def test_gamma_zero_is_exactly_the_plain_sae(monkeypatch):
             model.init_b_dec(x)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        x_hat, z = model(x)
-        beta = cfg.beta * min(1.0, step / cfg.beta_warmup_steps)
-        loss = cfg.alpha * mse_loss(x, x_hat) + beta * l1_loss(z)
+        out = model(x)
+        loss = cfg.alpha * mse(x, out.x_hat)
+        if model.sparsity_term is not None:
+            beta = cfg.beta * min(1.0, step / cfg.beta_warmup_steps)
+            loss = loss + beta * model.sparsity_loss(out)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(trainer.model, name), getattr(model, name)), name
+        model.after_step(out)
+    expected = model.state_dict()
+    assert trainer.model.state_dict().keys() == expected.keys()
+    for name, t in trainer.model.state_dict().items():
+        assert torch.equal(t, expected[name]), name
 
 
 def test_gamma_changes_training():
     """The converse of the exactness test: with gamma > 0 the InfoNCE term does act."""
-    sae_cfg = SaeConfig(d_in=D, dict_size=DICT)
+    sae_cfg = ReluConfig(d_in=D, dict_size=DICT)
     a = Trainer(sae_cfg, tcfg(steps=10, gamma=0.0))
     b = Trainer(sae_cfg, tcfg(steps=10, gamma=0.5))
     batches = data(10)
-    a.train(batches)
-    b.train(batches)
+    a.fit(batches)
+    b.fit(batches)
     assert not torch.equal(a.model.W_enc, b.model.W_enc)
 
 
@@ -172,9 +206,9 @@ def test_contrastive_term_lowers_held_out_info_nce():
     held_out = data(1, seed=99)[0]
     nce = {}
     for gamma in (0.0, 10.0):
-        t = Trainer(SaeConfig(d_in=D, dict_size=DICT),
+        t = Trainer(ReluConfig(d_in=D, dict_size=DICT),
                     tcfg(steps=120, beta=0.4, gamma=gamma, temperature=0.1))
-        t.train(batches)
+        t.fit(batches)
         with torch.no_grad():
             nce[gamma] = losses.info_nce_loss(t.model.encode(held_out.anchors),
                                               t.model.encode(held_out.partners),
@@ -185,20 +219,18 @@ def test_contrastive_term_lowers_held_out_info_nce():
 def test_balancing_moves_gamma_within_its_clamps():
     cfg = tcfg(steps=30, gamma=0.1, gamma_warmup_steps=0, balance=True, balance_ratio=0.02,
                balance_min=0.1, balance_max=10.0, balance_ema=0.5, log_every=1)
-    logs = []
-    trainer = Trainer(SaeConfig(d_in=D, dict_size=DICT), cfg)
-    trainer.train(data(30), callback=logs.append)
+    trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT), cfg)
+    logs = fit(trainer, data(30)).steps
     gammas = [m["gamma"] for m in logs]
     assert gammas[0] == 0.1  # nothing measured yet
     assert all(0.01 <= g <= 1.0 for g in gammas)
     assert len(set(gammas[1:])) > 5  # it follows the measured gradient norms
-    ema = trainer.weighting.state_dict()
-    assert trainer.weighting.at(30).gamma == pytest.approx(
-        0.02 * ema["ema_mse_grad"] / ema["ema_nce_grad"])
-    pinned = tcfg(steps=5, gamma=0.1, gamma_warmup_steps=0, balance=True, balance_ratio=100.0,
-                  balance_max=4.0, log_every=1)
-    logs = []
-    Trainer(SaeConfig(d_in=D, dict_size=DICT), pinned).train(data(5), callback=logs.append)
+    (nce,) = [t for t in trainer.terms if t.name == "nce"]
+    ema = nce.state_dict()
+    assert nce.weight(30) == pytest.approx(0.02 * ema["ema_reference"] / ema["ema_term"])
+    pinned = tcfg(steps=5, lr_warmup_steps=5, gamma=0.1, gamma_warmup_steps=0, balance=True,
+                  balance_ratio=100.0, balance_max=4.0, log_every=1)
+    logs = fit(Trainer(ReluConfig(d_in=D, dict_size=DICT), pinned), data(5)).steps
     assert [m["gamma"] for m in logs[1:]] == [pytest.approx(0.4)] * 4
 
 
@@ -211,14 +243,14 @@ def test_dead_latents_are_tracked():
     assert tracker.dead_mask().tolist() == [False, False, True, True]
     assert tracker.dead_fraction().item() == 0.5
 
-    sae_cfg = SaeConfig(d_in=D, dict_size=DICT)
-    model = SparseAutoencoder(sae_cfg)
+    sae_cfg = ReluConfig(d_in=D, dict_size=DICT)
+    model = build_sae(sae_cfg)
     with torch.no_grad():
         model.b_enc[:8] = -1e4  # these latents can never fire
     trainer = Trainer(sae_cfg, tcfg(steps=12, gamma=0.0, dead_window_tokens=10 * B, log_every=1),
                       model=model)
-    logs = []
-    trainer.train(data(12), callback=logs.append)
+    assert trainer.model is model
+    logs = fit(trainer, data(12)).steps
     assert logs[8]["dead_frac"] < 8 / DICT  # step 9: window not yet reached
     assert logs[10]["dead_frac"] >= 8 / DICT
 
@@ -226,7 +258,7 @@ def test_dead_latents_are_tracked():
 def test_training_is_reproducible():
     runs = []
     for _ in range(2):
-        t = Trainer(SaeConfig(d_in=D, dict_size=DICT), tcfg(steps=15, gamma=0.1, hard_negatives=5))
-        t.train(itertools.islice(sparse_dictionary_batches(D, N_FEAT, B, 100, seed=4), 15))
+        t = Trainer(ReluConfig(d_in=D, dict_size=DICT), tcfg(steps=15, gamma=0.1, hard_negatives=5))
+        t.fit(itertools.islice(sparse_dictionary_batches(D, N_FEAT, B, 100, seed=4), 15))
         runs.append(t.model.W_enc.detach().clone())
     assert torch.equal(runs[0], runs[1])

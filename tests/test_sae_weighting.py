@@ -1,54 +1,83 @@
 import pytest
 
+from csc.sae.archs import build_sae
+from csc.sae.archs.relu import ReluConfig
 from csc.sae.config import TrainerConfig
-from csc.sae.weighting import LossWeighting
+from csc.sae.losses import InfoNCE, build_terms
+from csc.sae.weighting import GradientBalance, ramp
 
 
 def cfg(**kw):
     return TrainerConfig(**{"steps": 100, **kw})
 
 
+def weights_at(trainer_cfg, step):
+    """The weights in force at `step`, by weight name, as the trainer computes them."""
+    terms = build_terms(build_sae(ReluConfig(d_in=4, dict_size=8)), trainer_cfg)
+    return {t.weight_name: t.weight(step) for t in terms}
+
+
+def test_ramp_is_linear_then_one():
+    assert [ramp(s, 4) for s in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert ramp(0, 0) == ramp(7, 0) == 1.0
+
+
 def test_linear_warmup_of_beta_and_gamma():
-    w = LossWeighting(cfg(alpha=2.0, beta=0.04, gamma=0.1, beta_warmup_steps=10, gamma_warmup_steps=4))
-    assert w.at(0) == type(w.at(0))(alpha=2.0, beta=0.0, gamma=0.0)
-    assert w.at(5).beta == pytest.approx(0.02)
-    assert w.at(2).gamma == pytest.approx(0.05)
-    assert w.at(4).gamma == w.at(50).gamma == 0.1
-    assert w.at(10).beta == w.at(99).beta == 0.04
-    no_warmup = LossWeighting(cfg(beta_warmup_steps=0, gamma_warmup_steps=0))
-    assert (no_warmup.at(0).beta, no_warmup.at(0).gamma) == (0.04, 0.1)
+    c = cfg(alpha=2.0, beta=0.04, gamma=0.1, beta_warmup_steps=10, gamma_warmup_steps=4)
+    assert weights_at(c, 0) == {"alpha": 2.0, "beta": 0.0, "gamma": 0.0}
+    assert weights_at(c, 5)["beta"] == pytest.approx(0.02)
+    assert weights_at(c, 2)["gamma"] == pytest.approx(0.05)
+    assert weights_at(c, 4)["gamma"] == weights_at(c, 50)["gamma"] == 0.1
+    assert weights_at(c, 10)["beta"] == weights_at(c, 99)["beta"] == 0.04
+    no_warmup = weights_at(cfg(beta_warmup_steps=0, gamma_warmup_steps=0), 0)
+    assert (no_warmup["beta"], no_warmup["gamma"]) == (0.04, 0.1)
+    default = cfg()  # warm-ups unset: a tenth of the 100 steps
+    assert weights_at(default, 5) == {"alpha": 1.0, "beta": pytest.approx(0.02), "gamma": pytest.approx(0.05)}
+    assert weights_at(default, 10) == {"alpha": 1.0, "beta": 0.04, "gamma": 0.1}
 
 
 def test_balance_rule_ema_and_clamps():
-    w = LossWeighting(cfg(gamma=0.1, gamma_warmup_steps=10, balance=True, balance_ratio=0.5,
-                          balance_ema=0.9, balance_min=0.5, balance_max=4.0))
-    assert w.at(20).gamma == 0.1  # before any measurement: the configured gamma
-    w.observe(2.0, 4.0)  # first measurement sets the averages: target 0.5 * 2 / 4 = 0.25
-    assert w.at(20).gamma == pytest.approx(0.25)
-    assert w.at(5).gamma == pytest.approx(0.125)  # still scaled by the warm-up ramp
-    w.observe(2.0, 1.0)  # ema: mse 2.0, nce 0.9 * 4 + 0.1 * 1 = 3.7
-    assert w.at(20).gamma == pytest.approx(0.5 * 2.0 / 3.7)
+    b = GradientBalance(ratio=0.5, ema=0.9, low=0.5, high=4.0)
+    assert b.weight(0.1) == 0.1  # before any measurement: the configured weight
+    b.observe(2.0, 4.0)  # first measurement sets the averages: target 0.5 * 2 / 4 = 0.25
+    assert b.weight(0.1) == pytest.approx(0.25)
+    b.observe(2.0, 1.0)  # ema: reference 2.0, term 0.9 * 4 + 0.1 * 1 = 3.7
+    assert b.weight(0.1) == pytest.approx(0.5 * 2.0 / 3.7)
     for _ in range(200):
-        w.observe(100.0, 1.0)  # target 50: clamped at 4 * gamma
-    assert w.at(20).gamma == pytest.approx(0.4)
+        b.observe(100.0, 1.0)  # target 50: clamped at 4 * gamma
+    assert b.weight(0.1) == pytest.approx(0.4)
     for _ in range(200):
-        w.observe(0.001, 1.0)  # target ~0: clamped at 0.5 * gamma
-    assert w.at(20).gamma == pytest.approx(0.05)
+        b.observe(0.001, 1.0)  # target ~0: clamped at 0.5 * gamma
+    assert b.weight(0.1) == pytest.approx(0.05)
+
+
+def test_info_nce_weight_is_balanced_gamma_times_ramp():
+    term = InfoNCE(cfg(gamma=0.1, gamma_warmup_steps=10, balance=True, balance_ratio=0.5,
+                       balance_ema=0.9, balance_min=0.5, balance_max=4.0))
+    assert term.weight(20) == 0.1  # before any measurement: the configured gamma
+    assert term.weight(5) == pytest.approx(0.05)
+    term.balance.observe(2.0, 4.0)
+    assert term.weight(20) == pytest.approx(0.25)
+    assert term.weight(5) == pytest.approx(0.125)  # still scaled by the warm-up ramp
+    assert term.weight(0) == 0.0
 
 
 def test_balance_off_ignores_measurements_and_gamma_zero_stays_zero():
-    w = LossWeighting(cfg(gamma=0.1, gamma_warmup_steps=0))
-    w.observe(5.0, 1.0)
-    assert w.at(3).gamma == 0.1
-    z = LossWeighting(cfg(gamma=0.0, balance=True))
-    z.observe(5.0, 1.0)
-    assert all(z.at(s).gamma == 0.0 for s in range(0, 3000, 100))
+    off = InfoNCE(cfg(gamma=0.1, gamma_warmup_steps=0))
+    assert off.balance is None  # nothing to measure: the trainer never observes
+    assert off.weight(3) == 0.1
+    zero = InfoNCE(cfg(gamma=0.0, balance=True))
+    zero.balance.observe(5.0, 1.0)
+    assert all(zero.weight(s) == 0.0 for s in range(0, 3000, 100))
+    assert "gamma" not in weights_at(cfg(gamma=0.0, balance=True), 50)  # no InfoNCE term at all
 
 
 def test_state_round_trip():
-    a = LossWeighting(cfg(balance=True))
-    a.observe(1.5, 0.3)
-    a.observe(1.1, 0.7)
-    b = LossWeighting(cfg(balance=True))
+    a = InfoNCE(cfg(balance=True))
+    a.balance.observe(1.5, 0.3)
+    a.balance.observe(1.1, 0.7)
+    b = InfoNCE(cfg(balance=True))
     b.load_state_dict(a.state_dict())
-    assert b.at(2000) == a.at(2000)
+    assert b.state_dict() == a.state_dict() == a.balance.state_dict()
+    assert b.weight(2000) == a.weight(2000) != 0.1
+    assert InfoNCE(cfg()).state_dict() == {}

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from csc.cli import main
 from csc.config import load_spec
-from csc.sae.export import load_exported
+from csc.sae.export import load_sae
 from csc.sweep.run import run_sweep
 from csc.sweep.spec import SweepSpec
 
@@ -106,7 +106,7 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     arts = {a.path for a in client.list_artifacts(done.info.run_id)} | \
         {a.path for a in client.list_artifacts(done.info.run_id, "sae")}
     assert arts >= {"curves.png", "eval.json", "sae/cfg.json", "sae/sae_weights.safetensors"}
-    sae, meta = load_exported(Path(client.download_artifacts(done.info.run_id, "sae", str(in_tmp / "dl"))))
+    sae, meta = load_sae(Path(client.download_artifacts(done.info.run_id, "sae", str(in_tmp / "dl"))))
     assert sae.cfg.dict_size == 128 and meta["hook_layer"] == 2
 
     stopped = runs["trial_02"]

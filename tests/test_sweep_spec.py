@@ -53,7 +53,7 @@ def test_points_take_the_fields_types(tmp_path):
     (lambda d: d["sweep"]["search"]["trainer.beta"].update(low=0.5), "low (0.5) must be below high (0.1)"),
     (lambda d: d["sweep"]["search"]["trainer.beta"].update(low=0), "a loguniform range needs low > 0"),
     (lambda d: d["sweep"]["search"].update({"sae.k": {"type": "int", "low": 1, "high": 8}}),
-     "sweep.search.sae.k: value 1 is invalid"),
+     "sweep.search.sae.k: no architecture of this sweep (relu) has a searchable field 'k'"),
     (lambda d: d["sweep"].update(points_to_evaluate=[{"trainer.beta": 0.01}]),
      "sweep.points_to_evaluate[0] must give exactly the searched fields"),
     (lambda d: d["sweep"].update(points_to_evaluate=[{"trainer.beta": 0.01, "sae.dict_size": 0}]),

@@ -10,8 +10,8 @@ from csc.activations.source import Activations
 from csc.cli import main
 from csc.config import TrainRunSpec, load_spec
 from csc.errors import CscError
-from csc.sae.export import load_exported
-from csc.sae.run import train_run, training_stream
+from csc.pipeline.run import train_run, training_stream
+from csc.sae.export import load_sae
 
 TINY = ["model.name=tiny-gemma2", "activations.layer=2", "activations.context_length=32",
         "activations.contexts_per_shard=8", "activations.train_tokens=1024", "activations.eval_tokens=512",
@@ -42,16 +42,21 @@ def test_run_exports_and_eval_reproduces_metrics(cache, tmp_path, capsys):
     assert [json.loads(x)["step"] for x in lines] == [5.0 * i for i in range(1, 9)]
     for png in ("curves.png", "density.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    sae, meta = load_exported(out / "sae")
+    sae, meta = load_sae(out / "sae")
     assert meta["hook_name"] == "blocks.2.hook_resid_post" and meta["csc_norm_scale"] == Activations(spec(cache)).scale
     assert main(["eval", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"{results['explained_variance']:.6g}" in printed and f"{results['ce_spliced']:.6g}" in printed
 
 
-def test_interrupted_run_resumes_bit_for_bit(cache, tmp_path):
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_interrupted_run_resumes_bit_for_bit(cache, tmp_path, arch):
+    """Every architecture trains, checkpoints, resumes bit for bit, exports and evaluates through `csc train`."""
+    extra = [f"sae.architecture={arch}"] + (["sae.k=8"] if "topk" in arch else [])
     whole = tmp_path / "whole"
-    train_run(spec(cache), whole, progress=False)
+    results = train_run(spec(cache, *extra), whole, progress=False)
+    assert 0 < results["explained_variance"] <= 1 and results["ce_spliced"] < results["ce_ablated"]
+    assert json.loads((whole / "sae" / "cfg.json").read_text())["csc_sae_config"]["architecture"] == arch
 
     class Interrupt(Exception):
         pass
@@ -62,19 +67,23 @@ def test_interrupted_run_resumes_bit_for_bit(cache, tmp_path):
 
     cut = tmp_path / "cut"
     with pytest.raises(Interrupt):
-        train_run(spec(cache), cut, callback=stop_at_25, progress=False)
+        train_run(spec(cache, *extra), cut, callback=stop_at_25, progress=False)
     assert not (cut / "sae").exists()
     with pytest.raises(CscError, match="not empty: pass --resume"):
-        train_run(spec(cache), cut, progress=False)
+        train_run(spec(cache, *extra), cut, progress=False)
     with pytest.raises(CscError, match="different sae/trainer spec"):
-        train_run(spec(cache, "trainer.gamma=0.5"), cut, resume=True, progress=False)
-    train_run(spec(cache), cut, resume=True, progress=False)
-    steps = [[json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, cut)]
-    assert steps[0] == steps[1], "reports of the interrupted steps 21-25 must not appear twice"
-    a, _ = load_exported(whole / "sae")
-    b, _ = load_exported(cut / "sae")
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        train_run(spec(cache, *extra, "trainer.gamma=0.5"), cut, resume=True, progress=False)
+    train_run(spec(cache, *extra), cut, resume=True, progress=False)
+    reports = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, cut)]
+    assert [r["step"] for r in reports[0]] == [r["step"] for r in reports[1]], \
+        "reports of the interrupted steps 21-25 must not appear twice"
+    for r in (*reports[0], *reports[1]):
+        del r["tokens_per_s"]  # wall-clock
+    assert reports[0] == reports[1]
+    a, _ = load_sae(whole / "sae")
+    b, _ = load_sae(cut / "sae")
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
 
 
 def test_cli_train_prints_the_table_and_eval_needs_a_run_folder(cache, tmp_path, capsys):

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
-from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+from sae_lens.registry import SAE_CLASS_REGISTRY, get_sae_class, register_sae_class
 
+from csc.sae.archs import ARCHITECTURES
 from csc.sae.export import LAYERNORM_PREFIX
 from csc.sae.model import LN_EPS
 
@@ -34,46 +32,18 @@ class _LayerNormInput:
         return F.layer_norm(super().process_sae_in(sae_in), (self.cfg.d_in,), eps=self.cfg.csc_ln_eps)
 
 
-@dataclass
-class LayerNormStandardSAEConfig(StandardSAEConfig):
-    csc_ln_eps: float = LN_EPS
-
-    @classmethod
-    def architecture(cls) -> str:
-        return LAYERNORM_PREFIX + "standard"
-
-
-class LayerNormStandardSAE(_LayerNormInput, StandardSAE):
-    pass
-
-
-@dataclass
-class LayerNormTopKSAEConfig(TopKSAEConfig):
-    csc_ln_eps: float = LN_EPS
-
-    @classmethod
-    def architecture(cls) -> str:
-        return LAYERNORM_PREFIX + "topk"
+def register(saelens_architecture: str) -> str:
+    """Register the LayerNorm variant of one SAELens architecture (once); returns its name."""
+    name = LAYERNORM_PREFIX + saelens_architecture
+    if name in SAE_CLASS_REGISTRY:
+        return name
+    sae_cls, cfg_cls = get_sae_class(saelens_architecture)
+    cfg = dataclass(type(f"LayerNorm{cfg_cls.__name__}", (cfg_cls,), {
+        "__annotations__": {"csc_ln_eps": float}, "csc_ln_eps": LN_EPS,
+        "architecture": classmethod(lambda cls: name)}))
+    register_sae_class(name, type(f"LayerNorm{sae_cls.__name__}", (_LayerNormInput, sae_cls), {}), cfg)
+    return name
 
 
-class LayerNormTopKSAE(_LayerNormInput, TopKSAE):
-    pass
-
-
-@dataclass
-class LayerNormJumpReLUSAEConfig(JumpReLUSAEConfig):
-    csc_ln_eps: float = LN_EPS
-
-    @classmethod
-    def architecture(cls) -> str:
-        return LAYERNORM_PREFIX + "jumprelu"
-
-
-class LayerNormJumpReLUSAE(_LayerNormInput, JumpReLUSAE):
-    pass
-
-
-for _sae, _cfg in ((LayerNormStandardSAE, LayerNormStandardSAEConfig), (LayerNormTopKSAE, LayerNormTopKSAEConfig),
-                   (LayerNormJumpReLUSAE, LayerNormJumpReLUSAEConfig)):
-    if _cfg.architecture() not in SAE_CLASS_REGISTRY:  # importing twice registers once
-        register_sae_class(_cfg.architecture(), _sae, _cfg)
+REGISTERED = tuple(register(a) for a in dict.fromkeys(cls.saelens_architecture for cls in ARCHITECTURES.values()))
+"""The SAELens architectures this module adds: one per SAELens architecture csc's architectures map onto."""

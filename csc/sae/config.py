@@ -2,10 +2,17 @@
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
 
 from csc.sae.archs import ARCHITECTURES
 from csc.sae.model import BaseSaeConfig
+
+
+def _known_architecture(value: Any) -> Any:
+    name = _architecture_of(value)
+    if name is not None and name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return value
 
 
 def _architecture_of(value: Any) -> str | None:
@@ -17,6 +24,7 @@ def _architecture_of(value: Any) -> str | None:
 SaeConfig = Annotated[
     Union[tuple(Annotated[cls.config_class, Tag(name)] for name, cls in ARCHITECTURES.items())],  # noqa: UP007
     Discriminator(_architecture_of),
+    BeforeValidator(_known_architecture),
 ]
 """The config of one SAE: the config class of its `architecture` (relu when unset), csc/sae/archs/."""
 

@@ -23,5 +23,5 @@ class DeadLatentTracker:
         return self.tokens_since_fired >= self.window
 
     def dead_fraction(self) -> torch.Tensor:
-        """0-d tensor (no host sync), equal to metrics.windowed_dead_fraction."""
+        """Fraction of latents silent for at least `window` tokens, as a 0-d tensor (no host sync)."""
         return self.dead_mask().float().mean()

@@ -55,11 +55,6 @@ def dead_fraction(fire_counts: torch.Tensor) -> float:
     return (fire_counts == 0).float().mean().item()
 
 
-def windowed_dead_fraction(tokens_since_fired: torch.Tensor, window: int) -> float:
-    """Fraction of latents silent for at least `window` consecutive tokens."""
-    return (tokens_since_fired >= window).float().mean().item()
-
-
 @dataclass(frozen=True)
 class DensityHistogram:
     edges: torch.Tensor

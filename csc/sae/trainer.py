@@ -191,8 +191,10 @@ class Trainer:
         self.last_report = report
         return report
 
-    def fit(self, batches: Iterable[ActivationBatch], hooks: Sequence[Hook] = ()) -> Metrics:
-        """Train until cfg.steps or until `batches` runs out; return the last report.
+    def fit(self, batches: Iterable[ActivationBatch], hooks: Sequence[Hook] = ()) -> Metrics | None:
+        """Train until cfg.steps or until `batches` runs out; return the last report (reports come every
+        log_every steps and after step cfg.steps, so a stream that runs out earlier may leave steps unreported
+        until a resumed fit continues them, and None before the first report).
 
         `batches` must start at `self.batches_consumed` (a fresh trainer: the start of the stream).
         Raises CscError if the trainer has still taken no step at all: a 0-step SAE has no result.
@@ -202,9 +204,9 @@ class Trainer:
             if self.done:
                 break
             m = self.update(self.step, batch)
+            report = self._accumulate(m)  # first, so that a checkpoint taken by on_step holds the sums
             for hook in hooks:
                 hook.on_step(self, m)
-            report = self._accumulate(m)
             if report is not None:
                 for hook in hooks:
                     hook.on_report(self, report)

@@ -172,10 +172,13 @@ class TrialRecords(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info):
         row = self.row(trial, Trial.ERROR)
-        kept, text = [], _error_text(trial)
+        kept, text = [], ANSI.sub("", _error_text(trial))
         if text:
+            # Tune's own error.txt (coloured for terminals) is copied over the trial folder's when Tune syncs
+            # the trial to storage: both get the plain text, so the folder and the tracker keep the same.
+            Path(trial.error_file).write_text(text)
             path = self._trial_dir(trial) / "error.txt"
-            path.write_text(ANSI.sub("", text))
+            path.write_text(text)
             kept.append(path)
         if tracker := self._tracker(trial):
             tracker.trial_finished(trial.trial_id, "failed", {"csc.failure_reason": row["reason"]}, kept)

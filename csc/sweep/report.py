@@ -22,8 +22,6 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-METRICS = ["ev", "l0", "mse", "loss", "nce", "eval/explained_variance", "eval/l0", "eval/ce_loss_recovered",
-           "eval/kl_spliced"]
 EVAL_SHOWN = ["eval/explained_variance", "eval/ce_loss_recovered"]
 OUTCOMES = {"finished": "tab:green", "stopped_early": "tab:orange", "failed": "tab:red", "running": "tab:blue"}
 GAMMA = "trainer.gamma"
@@ -58,16 +56,22 @@ def _spans_decade(values: list[float]) -> bool:
     return bool(values) and min(values) > 0 and max(values) > 10 * min(values)
 
 
+def metric_columns(rows: list[dict]) -> list[str]:
+    """Every metric any trial has, in order of first appearance: training figures, then the held-out ones (eval/)."""
+    keys = list(dict.fromkeys(k for r in rows for k in (r.get("metrics") or {})))
+    return [k for k in keys if not k.startswith("eval/")] + [k for k in keys if k.startswith("eval/")]
+
+
 def write_trials_table(rows: list[dict], path_csv: str | Path) -> None:
     """One CSV row per trial: name, outcome, steps, searched params (sorted union), last metrics, failure reason."""
-    params = _params(rows)
+    params, metrics = _params(rows), metric_columns(rows)
     with open(path_csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", "outcome", "steps_done", "steps_total", *params, *METRICS, "reason"])
+        w.writerow(["trial", "outcome", "steps_done", "steps_total", *params, *metrics, "reason"])
         for r in rows:
             p, m = r.get("params") or {}, r.get("metrics") or {}
             w.writerow([r.get("trial"), r.get("outcome"), r.get("steps_done"), r.get("steps_total"),
-                        *(p.get(k) for k in params), *(m.get(k) for k in METRICS), r.get("reason")])
+                        *(p.get(k) for k in params), *(m.get(k) for k in metrics), r.get("reason")])
 
 
 def pareto_front(points: list[tuple[float, float]], minimize_x: bool = True, maximize_y: bool = True) -> list[int]:

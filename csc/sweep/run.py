@@ -2,19 +2,18 @@
 
 The sweep folder <out>/<name>/ is Tune's experiment folder (experiment state; trial_NN/ with each
 trial's result.json and checkpoints) plus:
-    csc_sweep.json   the resolved spec, where MLflow records the sweep (read again by --resume) and,
+    csc_sweep.json   the resolved spec, where the tracker records the sweep (read again by --resume) and,
                      at the end, the producer's counters
     trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run)
     trial_NN/sae/, curves.png, error.txt                   what each trial's MLflow run also holds
     mlflow_unsent.json   only if MLflow still failed at the end: the records it never received
+csc.sweep.outcomes writes those files, tracker or not; csc.sweep.tracking.mlflow makes the MLflow runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,11 @@ from ray import tune
 from csc.activations.source import Activations
 from csc.errors import CscError
 from csc.sweep import report
+from csc.sweep.outcomes import TRIALS_FILE, TrialRecords, error_reason, trial_name
 from csc.sweep.producer import NAMESPACE, start_producer
+from csc.sweep.scheduler import scheduler
 from csc.sweep.spec import SweepSpec
-from csc.sweep.tracking import TRIALS_FILE, MlflowTrials, error_reason, flat_params, trial_name
+from csc.sweep.tracking import Tracker, tracker_for
 from csc.sweep.trial import run_trial
 from csc.sweep.ui import default_tracking
 
@@ -38,61 +39,12 @@ STATE_FILE = "csc_sweep.json"
 class SweepResult:
     name: str
     sweep_dir: Path
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
+    tracking_uri: str | None  # None: an untracked sweep
+    experiment_id: str | None
+    parent_run_id: str | None
     rows: list[dict[str, Any]]
     producer: dict[str, float]
     interrupted: bool
-
-
-def tracking_of(spec: SweepSpec) -> tuple[str, str | None]:
-    """The tracking URI and the artifact root for new experiments (a server picks its own by default)."""
-    t = spec.sweep.tracking
-    uri, root = default_tracking()
-    uri = t.uri or uri
-    return uri, t.artifact_root or (root if uri.startswith("sqlite:") else None)
-
-
-def _check_server(uri: str) -> None:
-    """Fail in seconds, before any compute: MLflow's client would retry an absent server for minutes."""
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
-            if r.status == 200:
-                return
-            reason = f"HTTP {r.status}"
-    except (OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", e))
-    raise CscError(f"sweep.tracking.uri {uri}: no MLflow server answers there ({reason}); start one "
-                   f"(`csc ui --uri sqlite:///mlflow.db`, or deploy/mlflow) or fix the URI")
-
-
-def _open_tracking(spec: SweepSpec, name: str, sweep_dir: Path, state: dict[str, Any] | None):
-    from mlflow.tracking import MlflowClient
-
-    uri, root = tracking_of(spec) if state is None else (state["tracking_uri"], None)
-    if uri.startswith(("http://", "https://")):
-        _check_server(uri)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        if state is not None:
-            client.update_run(state["parent_run_id"], status="RUNNING")
-            return client, uri, state["experiment_id"], state["parent_run_id"]
-        exp_name = spec.sweep.tracking.experiment or name
-        exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            exp_name, artifact_location=Path(root).resolve().as_uri() if root else None)
-        parent = client.create_run(exp_id, run_name=name, tags={"csc.sweep_dir": str(sweep_dir), "csc.role": "sweep"})
-    except Exception as e:  # MLflow raises many kinds (connection, SQL, REST): all mean the same to the user
-        raise CscError(f"sweep.tracking: cannot use MLflow at {uri}: {str(e).strip().splitlines()[0]}") from None
-    items = list(flat_params(spec.model_dump(exclude={"sweep"})).items()) + \
-        list(flat_params(spec.sweep.model_dump(exclude={"search", "points_to_evaluate"}), "sweep.").items())
-    items.append(("sweep.search", json.dumps(spec.sweep.model_dump()["search"])[:500]))
-    from mlflow.entities import Param
-
-    for s in range(0, len(items), 100):
-        client.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in items[s:s + 100]])
-    return client, uri, exp_id, parent.info.run_id
 
 
 def _searcher(spec: SweepSpec):
@@ -119,28 +71,11 @@ def _searcher(spec: SweepSpec):
                         points_to_evaluate=[dict(p) for p in spec.sweep.points_to_evaluate] or None)
 
 
-def _scheduler(spec: SweepSpec, sweep_dir: Path):
-    from ray.tune.schedulers import FIFOScheduler
-
-    from csc.sweep.tracking import STOPPED_FILE, RecordingASHA
-
-    a = spec.sweep.scheduler
-    if a is None:
-        return FIFOScheduler()
-    return RecordingASHA(str(sweep_dir / STOPPED_FILE), time_attr="step", metric=a.metric, mode=a.mode,
-                         max_t=spec.trainer.steps, grace_period=a.grace_period, reduction_factor=a.reduction_factor)
-
-
-def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str, exp_id: str, parent_id: str,
-           state: dict[str, Any] | None, verbose: int, address: str | None):
+def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dict[str, str],
+           tracker: Tracker | None, state: dict[str, Any] | None, verbose: int, address: str | None):
     """Ray, the producer and the Tuner (new, or restored from the sweep folder)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / STATE_FILE).write_text(json.dumps({"spec": json.loads(spec_json), "tracking_uri": uri,
-                                                    "experiment_id": exp_id, "parent_run_id": parent_id}, indent=1))
-    # An absent tracking server fails a call in seconds instead of minutes of retries: the tracker keeps
-    # what could not be sent and sends it when the server answers again.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    (sweep_dir / STATE_FILE).write_text(json.dumps({"spec": json.loads(spec_json), **ids}, indent=1))
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
@@ -158,11 +93,12 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
                               memory_mb=p.memory_mb, prefetch=p.prefetch, max_restarts=p.max_restarts,
                               custom=res.producer_custom)
     try:
-        info = ray.get(producer.info.remote())
+        ray.get(producer.info.remote())
     except ray.exceptions.RayError as e:
         raise CscError(f"the activation producer could not start: {error_reason(str(e))}") from None
 
-    tracker = MlflowTrials(uri, exp_id, parent_id, spec_json, str(sweep_dir), info["scale"])
+    # On --resume Tune restores the callback it pickled at the start (with its tracker), not this one.
+    records = TrialRecords(spec_json, str(sweep_dir), tracker)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec_json, sweep=name, threads=max(1, round(res.trial_cpus))),
         {"cpu": res.trial_cpus, "gpu": res.trial_gpus, **res.trial_custom})
@@ -171,11 +107,11 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, uri: str
     else:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec, sweep_dir),
+            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=scheduler(spec, sweep_dir),
                                         num_samples=spec.sweep.num_samples,
                                         max_concurrent_trials=spec.sweep.max_concurrent,
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir.parent), callbacks=[tracker],
+            run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir.parent), callbacks=[records],
                                       failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbose))
     return tuner, producer
@@ -208,8 +144,9 @@ def _preflight(spec: SweepSpec, local: bool) -> None:
 
 
 def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1,
-              address: str | None = None) -> SweepResult:
-    """Run (or resume) the sweep; `out` must be storage every node sees when `address` names a cluster."""
+              address: str | None = None, tracked: bool = True) -> SweepResult:
+    """Run (or resume) the sweep; `out` must be storage every node sees when `address` names a cluster.
+    tracked=False: no tracker, the sweep folder alone (a resumed sweep keeps the choice it started with)."""
     sweep_dir = (out / name).resolve()
     state_path = sweep_dir / STATE_FILE
     spec_json = spec.model_dump_json()
@@ -227,36 +164,32 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets it
     _preflight(spec, local=not address)
 
-    client, uri, exp_id, parent_id = _open_tracking(spec, name, sweep_dir, state)
+    tracker = tracker_for(spec, state) if tracked or state is not None else None
+    ids = tracker.start_sweep(name, str(sweep_dir), spec, state) if tracker is not None else {}
     try:
-        tuner, producer = _start(spec, name, sweep_dir, spec_json, uri, exp_id, parent_id, state, verbose, address)
+        tuner, producer = _start(spec, name, sweep_dir, spec_json, ids, tracker, state, verbose, address)
         tuner.fit()
     except BaseException as e:  # a sweep that never got going is recorded as such, not left RUNNING
-        client.set_tag(parent_id, "csc.failure_reason", f"{type(e).__name__}: {str(e).strip()[:1000]}")
-        client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if tracker is not None:
+            tracker.end_sweep("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", {},
+                              {"csc.failure_reason": f"{type(e).__name__}: {str(e).strip()[:1000]}"})
         raise
 
     stats = ray.get(producer.stats.remote())
     rows = json.loads((sweep_dir / TRIALS_FILE).read_text()) if (sweep_dir / TRIALS_FILE).is_file() else []
     interrupted = len(rows) < spec.sweep.num_samples or any(r["outcome"] == "running" for r in rows)
-    from mlflow.entities import Metric, RunTag
-
     state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "producer": stats,
                                       "interrupted": interrupted}, indent=1))
-    for attempt in range(3):  # a pooled connection to a server that restarted fails once, then works
+    if tracker is not None:
         try:
-            client.log_batch(parent_id, metrics=[Metric(f"producer.{k}", float(v), 0, 0) for k, v in stats.items()
-                                                 if isinstance(v, (int, float))],
-                             tags=[RunTag("csc.producer_node", stats["node_id"]),
-                                   RunTag("csc.interrupted", str(interrupted).lower())])
-            client.set_terminated(parent_id, "KILLED" if interrupted else "FINISHED")
-            break
+            tracker.end_sweep("interrupted" if interrupted else "finished",
+                              {f"producer.{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))},
+                              {"csc.producer_node": stats["node_id"], "csc.interrupted": str(interrupted).lower()})
         except Exception as e:  # the sweep itself is done: its folder has everything
-            if attempt == 2:
-                print(f"csc: could not record the end of the sweep in MLflow ({type(e).__name__}: "
-                      f"{str(e).strip()[:300]}); {state_path} has it", flush=True)
-            time.sleep(2)
-    return SweepResult(name, sweep_dir, uri, exp_id, parent_id, rows, stats, interrupted)
+            print(f"csc: could not record the end of the sweep in {tracker.name} ({type(e).__name__}: "
+                  f"{str(e).strip()[:300]}); {state_path} has it", flush=True)
+    return SweepResult(name, sweep_dir, ids.get("tracking_uri"), ids.get("experiment_id"), ids.get("parent_run_id"),
+                       rows, stats, interrupted)
 
 
 def sweep_summary(sweep_dir: Path) -> str:
@@ -282,7 +215,10 @@ def sweep_summary(sweep_dir: Path) -> str:
         lines.append("best trials (" + ", ".join(f"{m} {mode}" for m, mode in objectives)
                      + ("; the Pareto set" if len(objectives) > 1 else "") + "):")
         lines.append(report.format_best(best, objectives, list(spec.sweep.search)))
-    lines.append(f"reports: {sweep_dir}/trials.csv, pareto.png, progression.png (also on the MLflow parent run)")
+    reports = f"reports: {sweep_dir}/trials.csv, pareto.png, progression.png"
+    if "tracking_uri" not in state:  # an untracked sweep
+        return "\n".join([*lines, reports])
+    lines.append(f"{reports} (also on the MLflow parent run)")
     uri = state["tracking_uri"]
     ui = "csc ui" if uri == default_tracking()[0] else f"csc ui --uri {uri}"
     lines.append(f"MLflow: experiment {state['experiment_id']}, parent run {state['parent_run_id']}; "

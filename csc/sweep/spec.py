@@ -233,7 +233,8 @@ def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
     try:
         checked = TrainRunSpec.model_validate(with_params(spec, params))
     except ValidationError as e:
-        raise ValueError(f"{where}: value {value!r} is invalid: {e.errors()[0]['msg']}") from None
+        reason = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{where}: value {value!r} is invalid: {reason}") from None
     return getattr(getattr(checked, section), field)
 
 

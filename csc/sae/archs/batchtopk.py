@@ -10,23 +10,16 @@ each batch. SAELens: "jumprelu" with every latent's threshold at theta.
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from csc.sae.model import BaseSaeConfig, ForwardOutput, SparseAutoencoder
+from csc.sae.archs.topk import KConfig
+from csc.sae.model import ForwardOutput, SparseAutoencoder
 
 
-class BatchTopKConfig(BaseSaeConfig):
+class BatchTopKConfig(KConfig):
     architecture: Literal["batchtopk"] = "batchtopk"
-    k: int = Field(default=64, gt=0)
-    """Latents kept per token on average over a training batch."""
     threshold_rate: float = Field(default=0.01, gt=0, le=1)
     """Weight of each batch's smallest kept code in the moving average that is the inference threshold."""
-
-    @model_validator(mode="after")
-    def _k_fits(self) -> "BatchTopKConfig":
-        if self.k > self.dict_size:
-            raise ValueError(f"k must be in [1, dict_size={self.dict_size}], got {self.k}")
-        return self
 
 
 class BatchTopKSAE(SparseAutoencoder):

@@ -5,6 +5,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from csc.sae import metrics
 from csc.sae.model import BaseSaeConfig, ForwardOutput, SparseAutoencoder
 
 
@@ -21,5 +22,4 @@ class ReluSAE(SparseAutoencoder):
         return F.relu(pre)
 
     def sparsity_loss(self, out: ForwardOutput) -> torch.Tensor:
-        """L1 = mean over tokens of sum_j |z_j|."""
-        return out.z.float().abs().sum(dim=-1).mean()
+        return metrics.l1(out.z.float())

@@ -11,16 +11,21 @@ from pydantic import Field, model_validator
 from csc.sae.model import BaseSaeConfig, SparseAutoencoder
 
 
-class TopKConfig(BaseSaeConfig):
-    architecture: Literal["topk"] = "topk"
+class KConfig(BaseSaeConfig):
+    """The field of the architectures whose sparsity is a number of latents kept."""
+
     k: int = Field(default=64, gt=0)
-    """Latents kept per token."""
+    """Latents kept per token (BatchTopK: on average over a training batch)."""
 
     @model_validator(mode="after")
-    def _k_fits(self) -> "TopKConfig":
+    def _k_fits(self) -> "KConfig":
         if self.k > self.dict_size:
             raise ValueError(f"k must be in [1, dict_size={self.dict_size}], got {self.k}")
         return self
+
+
+class TopKConfig(KConfig):
+    architecture: Literal["topk"] = "topk"
 
 
 class TopKSAE(SparseAutoencoder):

@@ -51,3 +51,11 @@ class Tracker(Protocol):
     def end_sweep(self, status: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
         """Close the sweep's record: status finished, interrupted (--resume continues it) or failed. Raises
         if it cannot, after retries of its own."""
+
+
+def tracker_for(spec: SweepSpec, state: dict[str, Any] | None = None) -> Tracker | None:
+    """The tracker of a new sweep: MLflow, where spec.sweep.tracking says; or, given its state file (--resume),
+    the one the sweep started with (None if it ran untracked), for start_sweep to reopen."""
+    from csc.sweep.tracking.mlflow import MlflowTracker
+
+    return MlflowTracker.of(spec, state)

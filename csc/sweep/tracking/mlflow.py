@@ -42,15 +42,6 @@ def tracking_of(spec: SweepSpec) -> tuple[str, str | None]:
     return uri, t.artifact_root or (root if uri.startswith("sqlite:") else None)
 
 
-def tracker_for(spec: SweepSpec, state: dict[str, Any] | None = None) -> MlflowTracker | None:
-    """The tracker of a new sweep (spec.sweep.tracking, by default the working directory's store), or of
-    the sweep whose state file `state` is (None if that sweep ran untracked)."""
-    if state is None:
-        uri, root = tracking_of(spec)
-        return MlflowTracker(uri, root, spec.sweep.tracking.experiment)
-    return MlflowTracker(state["tracking_uri"]) if "tracking_uri" in state else None
-
-
 def _check_server(uri: str) -> None:
     """Fail in seconds, before any compute: MLflow's client would retry an absent server for minutes."""
     try:
@@ -93,6 +84,15 @@ class MlflowTracker(Tracker):
         self._last_step: dict[str, int] = {}
         self._backlog: list[tuple[str, Any, tuple]] = []
         self._down = False
+
+    @classmethod
+    def of(cls, spec: SweepSpec, state: dict[str, Any] | None = None) -> MlflowTracker | None:
+        """The tracker of a new sweep (spec.sweep.tracking, by default the working directory's store), or of
+        the sweep whose state file is `state` (None if that sweep ran untracked)."""
+        if state is None:
+            uri, root = tracking_of(spec)
+            return cls(uri, root, spec.sweep.tracking.experiment)
+        return cls(state["tracking_uri"]) if "tracking_uri" in state else None
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment; run ids are looked up again
         return {**{k: v for k, v in self.__dict__.items() if k != "_mlflow"}, "_names": {}, "_runs": {},

@@ -1,0 +1,76 @@
+"""A sweep's folder needs no tracker: an untracked sweep (real Ray, the tiny model) writes every trial's
+artifacts and every report `csc report` reads, and touches no MLflow store. The tracker Tune pickles with
+its callbacks carries no client and no records in flight."""
+
+import json
+import pickle
+
+import ray
+
+from csc.cli import main
+from csc.config import load_spec
+from csc.sweep.outcomes import NOT_METRICS, REPORTS, TrialRecords, metrics_of
+from csc.sweep.run import STATE_FILE, run_sweep
+from csc.sweep.spec import SweepSpec
+from csc.sweep.tracking.mlflow import MlflowTracker
+from tests.test_sweep import tiny_sweep
+
+
+def test_untracked_sweep_keeps_every_file_of_its_folder(tmp_path, cache, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where the default MLflow store would be made
+    points = [{"trainer.beta": 0.001, "trainer.lr": 1e-3},
+              {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: ASHA stops it
+              {"trainer.beta": 0.005, "trainer.lr": 1e20}]  # diverges at step 2
+    spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, num_samples=3, points_to_evaluate=points))
+    try:
+        result = run_sweep(spec, "plain", tmp_path / "runs", verbose=0, tracked=False)
+    finally:
+        ray.shutdown()
+
+    sweep_dir = result.sweep_dir
+    assert (result.tracking_uri, result.experiment_id, result.parent_run_id) == (None, None, None)
+    assert "tracking_uri" not in json.loads((sweep_dir / STATE_FILE).read_text())
+    rows = {r["trial"]: r for r in result.rows}
+    assert [rows[t]["outcome"] for t in sorted(rows)] == ["finished", "stopped_early", "failed"]
+    assert rows["trial_02"]["reason"].startswith("ASHA stopped it at step 10 of 40: ev ")
+    assert rows["trial_03"]["reason"].startswith("csc.errors.DivergenceError: step 2: ")
+    assert all((sweep_dir / name).stat().st_size > 0 for name in REPORTS)
+    assert json.loads((sweep_dir / "trials.json").read_text()) == result.rows
+
+    for name in ("trial_01", "trial_02"):
+        assert {p.name for p in (sweep_dir / name / "sae").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+        assert (sweep_dir / name / "curves.png").stat().st_size > 0
+    error = (sweep_dir / "trial_03" / "error.txt").read_text()
+    assert "DivergenceError" in error and "\x1b[" not in error
+    assert not (sweep_dir / "trial_03" / "sae").exists()
+
+    # A row's metrics are every number the trial reported, and nothing of Tune's bookkeeping.
+    last = json.loads((sweep_dir / "trial_01" / "result.json").read_text().splitlines()[-1])
+    metrics = rows["trial_01"]["metrics"]
+    assert metrics == metrics_of(last) and not set(metrics) & NOT_METRICS
+    assert set(metrics) >= {"loss", "mse", "l1", "nce", "ev", "l0", "dead_frac", "lr", "beta", "gamma", "tokens",
+                            "tokens_per_s", "eval/explained_variance", "eval/ce_loss_recovered"}
+    assert {"pid", "training_iteration", "time_this_iter_s", "timestamp"} <= set(last), "Tune's, left out"
+
+    assert not any((tmp_path / p).exists() for p in ("mlflow.db", "mlartifacts")), "no MLflow store was made"
+    assert not (sweep_dir / "mlflow_unsent.json").exists()
+    capsys.readouterr()
+    assert main(["report", str(sweep_dir)]) == 0
+    summary = capsys.readouterr().out
+    assert summary.startswith("sweep 'plain': 3 of 3 trials: 1 finished, 1 stopped early, 1 failed")
+    assert "reports: " in summary and "MLflow" not in summary
+
+
+def test_the_pickled_tracker_holds_no_client_and_no_backlog(tmp_path):
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"))
+    tracker.client  # a live client, as during a sweep
+    tracker.experiment_id, tracker.parent_run_id, tracker.sweep_dir = "1", "parent", str(tmp_path)
+    tracker._names["t1"], tracker._runs["t1"], tracker._down = "trial_01", "run", True
+    tracker._backlog.append(("report of trial_01", print, ()))
+    records = TrialRecords("{}", str(tmp_path), tracker)
+    records._told.add("t1")
+
+    restored = pickle.loads(pickle.dumps(records))
+    assert restored._told == set() and "_mlflow" not in vars(restored.tracker)
+    assert vars(restored.tracker) == {**vars(MlflowTracker(tracker.uri, tracker.artifact_root)), "experiment_id": "1",
+                                      "parent_run_id": "parent", "sweep_dir": str(tmp_path)}
