@@ -48,7 +48,7 @@ from csc.sae.model import SparseAutoencoder  # noqa: E402
 from csc.sae.trainer import Trainer  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
-STYLES = ("o-", "x--", "s-", "^-", "D-", "v-", "*-")  # gamma>0 and gamma=0 often coincide: keep both visible
+STYLES = ("o-", "x--", "s-", "^-", "D-", "v-", "*-", "P-", "h-")  # gamma>0 and gamma=0 often coincide: keep both visible
 EV_FLOOR = -0.5
 METRICS = ("explained_variance", "l0", "ce_loss_recovered", "kl_spliced", "dead_fraction", "code_sim_positive",
            "code_sim_negative")
