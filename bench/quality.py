@@ -99,7 +99,7 @@ def interpolate(points: list[dict], l0: float, key: str) -> float | None:
 
 
 def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     for ax, (key, label) in zip(axes, [("explained_variance", "explained variance (held out)"),
                                        ("ce_loss_recovered", "CE loss recovered"), ("kl_spliced", "KL(clean || SAE)")]):
         for (name, pts), style in zip(results.items(), STYLES):
@@ -113,9 +113,10 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
         if not ax.get_ylabel():
             ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9)  # below the panels: no curve hidden
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
