@@ -48,7 +48,8 @@ from csc.sae.model import SparseAutoencoder  # noqa: E402
 from csc.sae.trainer import Trainer  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
-STYLES = ("o-", "x--", "s-", "^-", "D-", "v-", "*-", "P-", "h-")  # gamma>0 and gamma=0 often coincide: keep both visible
+# One per method; gamma > 0 and gamma = 0 often coincide, so the second is dashed to keep both visible.
+STYLES = ("o-", "x--", "s-", "^-", "D-", "v-", "*-", "P-", "h-")
 EV_FLOOR = -0.5
 METRICS = ("explained_variance", "l0", "ce_loss_recovered", "kl_spliced", "dead_fraction", "code_sim_positive",
            "code_sim_negative")
@@ -132,8 +133,8 @@ def main() -> None:
     p.add_argument("--betas", type=float, nargs="+", default=[0.04, 0.16, 0.64, 2.56], help="csc L1 sweep")
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128, 256], help="TopK and BatchTopK sweep")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.8],
-                   help="JumpReLU sweep of threshold_init (its L0 weight fixed at --jump-beta): in a run this short the "
-                        "thresholds move by about lr per step, so their start sets the sparsity")
+                   help="JumpReLU sweep of threshold_init (its L0 weight fixed at --jump-beta): in a run this "
+                        "short the thresholds move by about lr per step, so their start sets the sparsity")
     p.add_argument("--jump-beta", type=float, default=1.0, help="JumpReLU's L0 weight")
     p.add_argument("--l1s", type=float, nargs="+", default=[4.0, 8.0, 16.0, 32.0], help="SAELens l1_coefficient sweep")
     p.add_argument("--ce-contexts", type=int, default=16, help="held-out contexts for CE/KL")

@@ -3,8 +3,9 @@
 Every `trainer.log_every` steps the trial sends Tune the trainer's report (csc.sae.trainer: averages of the
 per-step metrics since the previous report, step, tokens, lr, the weights in force, tokens_per_s); every
 `checkpoint_every` steps that report carries a checkpoint (trainer state and the SAE's export in sae/), from
-which Tune resumes a paused, retried or interrupted trial at the same batch. After the last step it evaluates on held-out tokens (CE/KL in the
-producer) and sends one final report with the held-out figures under `eval/` and a last checkpoint.
+which Tune resumes a paused, retried or interrupted trial at the same batch. After the last step it evaluates
+on held-out tokens (CE/KL in the producer) and sends one final report with the held-out figures under `eval/`
+and a last checkpoint.
 All trials read the same batches in the same order (the base spec's trainer.seed), so they differ only
 by their hyperparameters.
 """
