@@ -103,7 +103,7 @@ def test_mse_and_l1_conventions():
     out = ForwardOutput(x=x, pre=z, z=z, x_hat=x_hat)
     assert relu.sparsity_loss(out).item() == pytest.approx(z.abs().sum().item() / 5, rel=1e-6)
     # The terms compute exactly these.
-    inputs = StepInputs(step=0, batch=None, out=out, model=relu, dead=None, encode=None)
+    inputs = StepInputs(batch=None, out=out, model=relu, dead=None, encode=None)
     cfg = TrainerConfig(steps=10)
     assert torch.equal(Reconstruction(cfg)(inputs), mse(x, x_hat))
     assert torch.equal(Sparsity("l1", cfg)(inputs), relu.sparsity_loss(out))

@@ -86,7 +86,6 @@ def auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, W_dec: to
 class StepInputs:
     """What a term may read at one step. `out` holds fp32 codes and reconstruction of the anchors."""
 
-    step: int
     batch: ActivationBatch
     out: ForwardOutput
     model: SparseAutoencoder

@@ -125,7 +125,7 @@ class Trainer:
         with self._autocast():
             out = model(x)
         out32 = ForwardOutput(x=x, pre=out.pre, z=out.z.float(), x_hat=out.x_hat.float())
-        inputs = StepInputs(step, batch, out32, model, self.dead.dead_mask, self._encode)
+        inputs = StepInputs(batch, out32, model, self.dead.dead_mask, self._encode)
         weights = {t.weight_name: t.weight(step) for t in self.terms}
         values = {t.name: t(inputs) for t in self.terms if not (t.optional and weights[t.weight_name] == 0)}
         loss = sum(weights[t.weight_name] * values[t.name] for t in self.terms if t.name in values)
