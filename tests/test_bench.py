@@ -32,6 +32,16 @@ def test_producer_throughput_on_the_tiny_model(tmp_path):
     assert "csc pipeline" in out and "full forward, eager" in out
 
 
+def test_pairing_stats_on_the_tiny_model(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("model: {name: tiny-gemma2}\nactivations: {layer: 2, context_length: 16, contexts_per_shard: 4, "
+                    "train_tokens: 128, eval_tokens: 64}\n")
+    out = run("pairing_stats.py", "--spec", str(spec), "--shards", "1", cache=tmp_path / "cache")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows == ["rule", "similar_attention", "attended", "previous", "random"]
+    assert "anchors' mean attention to BOS" in out
+
+
 def test_quality_interpolates_in_log_l0():
     sys.path.insert(0, str(BENCH))
     try:

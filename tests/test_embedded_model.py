@@ -55,8 +55,10 @@ def test_embedded_pipeline_end_to_end(lm, embedded_cache):
 
 @pytest.mark.parametrize("arch", ["relu", "jumprelu"])
 def test_short_training_on_the_embedded_model_really_learns(lm, embedded_cache, tmp_path, arch):
-    """Far from the paper's failed run (EV -0.78, CE 2.93 -> 18.0): EV and CE recovered clearly positive, for the
-    paper's ReLU SAE and for Gemma Scope's JumpReLU."""
+    """Far from the paper's failed run (EV -0.78, CE 2.93 -> 18.0): a sparse SAE (L0 in the field's range, no dead
+    latents) with EV and CE recovered clearly positive, for the paper's ReLU SAE and for Gemma Scope's JumpReLU, at
+    the default beta and the paper's gamma (which takes about half of the encoder's gradient and costs EV at this
+    budget: 0.44 for relu, measured)."""
     from csc.config import TrainRunSpec
     from csc.pipeline.run import train_run
 
@@ -67,7 +69,9 @@ def test_short_training_on_the_embedded_model_really_learns(lm, embedded_cache, 
         "trainer.beta_warmup_steps=20", "trainer.gamma_warmup_steps=20", "trainer.gamma=0.1", "trainer.log_every=50",
         "eval.ce_contexts=8"])
     results = train_run(spec, tmp_path / "run", acts=Activations(spec, lm=lm), progress=False)
-    assert results["explained_variance"] > 0.5
-    assert results["ce_loss_recovered"] > 0.25
+    assert 20 <= results["l0"] <= 150
+    assert results["explained_variance"] > 0.35
+    assert results["ce_loss_recovered"] > 0.6
+    assert results["nce"] < results["nce_chance"]
     assert results["ce_clean"] < results["ce_spliced"] < results["ce_ablated"]
-    assert results["dead_fraction"] < 0.5
+    assert results["dead_fraction"] < 0.01

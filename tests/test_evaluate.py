@@ -1,5 +1,7 @@
 """Splicing an SAE into the LM: CE/KL against transformers' own loss, and the reconstruction scores."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from csc.config import ModelSpec
 from csc.pipeline.evaluate import _final_hidden, reconstruction_scores, splice_scores
 from csc.sae.archs import build_sae
 from csc.sae.archs.relu import ReluConfig
+from csc.sae.batch import ActivationBatch
+from csc.sae.losses import info_nce_loss
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,9 @@ def test_chunked_clean_ce_equals_transformers_loss_with_softcapping(tiny):
     assert out["kl_spliced"] >= 0 and out["kl_ablated"] > 0
     assert out["ce_loss_recovered"] == pytest.approx(
         (out["ce_ablated"] - out["ce_spliced"]) / (out["ce_ablated"] - out["ce_clean"]))
+    assert out["delta_ce"] == out["ce_spliced"] - out["ce_clean"] != 0  # nats, signed (a random LM can gain)
+    keys = list(out)  # eval.json, trials.csv and the printed table keep the scale beside the ratio
+    assert keys[keys.index("ce_loss_recovered"):][:3] == ["ce_loss_recovered", "delta_ce", "kl_spliced"]
 
 
 def test_identity_splice_reproduces_clean_and_bos_is_untouched(tiny):
@@ -59,16 +66,15 @@ def test_kl_and_ce_of_a_perfect_reconstruction(tiny):
     assert out["ce_spliced"] == pytest.approx(out["ce_clean"], abs=1e-4)
     assert out["kl_spliced"] == pytest.approx(0.0, abs=1e-5)
     assert out["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert out["delta_ce"] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_reconstruction_scores_over_batches():
-    from csc.sae.batch import ActivationBatch
-
     g = torch.Generator().manual_seed(1)
     batches = [ActivationBatch(torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g),
                                torch.arange(32) // 4, torch.full((32,), 5)) for _ in range(3)]
     sae = build_sae(ReluConfig(d_in=16, dict_size=48))
-    out, hist = reconstruction_scores(sae, batches)
+    out, hist = reconstruction_scores(sae, batches, temperature=1.0, hard_negatives=0)
     x = torch.cat([b.anchors for b in batches])
     x_hat, z = sae(x).x_hat, sae(x).z
     assert out["tokens"] == 96
@@ -77,3 +83,125 @@ def test_reconstruction_scores_over_batches():
     assert out["l0"] == pytest.approx((z != 0).sum(-1).float().mean().item())
     assert int(hist.counts.sum()) + hist.n_never_fired == 48
     assert -1 <= out["code_sim_negative"] <= 1 and -1 <= out["code_sim_positive"] <= 1
+
+
+def _batch(x: torch.Tensor, partners: torch.Tensor, seq_id: torch.Tensor) -> ActivationBatch:
+    return ActivationBatch(x, partners, seq_id, torch.full((len(seq_id),), 5))
+
+
+def _random_batch(g: torch.Generator, n: int, per_seq: int, first_seq: int = 0, d: int = 16) -> ActivationBatch:
+    seq = first_seq + torch.arange(n) // per_seq
+    return _batch(torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), seq)
+
+
+def _slow_reference(sae, batches, tau: float, m: int) -> dict[str, float]:
+    """The docstring's formulas anchor by anchor, in plain loops over cosines."""
+    losses, chances, positives, negatives = [], [], [], []
+    cos = torch.nn.functional.cosine_similarity
+    for b in batches:
+        za, zp = sae.encode(b.anchors), sae.encode(b.partners)
+        for i in range(len(b)):
+            negs = [cos(za[i], za[j], dim=0, eps=1e-8).item() / tau
+                    for j in range(len(b)) if b.seq_id[j] != b.seq_id[i]]
+            if not negs:
+                continue
+            negatives += [t * tau for t in negs]
+            negs = sorted(negs, reverse=True)[:m] if m > 0 else negs
+            pos = cos(za[i], zp[i], dim=0, eps=1e-8).item()
+            positives.append(pos)
+            losses.append(math.log(sum(math.exp(v) for v in [pos / tau, *negs])) - pos / tau)
+            chances.append(math.log(1 + len(negs)))
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"nce": mean(losses), "nce_chance": mean(chances), "code_sim_positive": mean(positives),
+            "code_sim_negative": mean(negatives)}
+
+
+@pytest.mark.parametrize("hard_negatives", [0, 5])
+def test_held_out_nce_of_one_batch_is_info_nce_loss(hard_negatives):
+    g = torch.Generator().manual_seed(2)
+    batch = _random_batch(g, 24, per_seq=3)
+    sae = build_sae(ReluConfig(d_in=16, dict_size=48))
+    out, _ = reconstruction_scores(sae, [batch], temperature=0.3, hard_negatives=hard_negatives)
+    with torch.no_grad():
+        ref = info_nce_loss(sae.encode(batch.anchors), sae.encode(batch.partners), batch.seq_id, 0.3, hard_negatives)
+    assert out["nce"] == pytest.approx(ref.item(), rel=1e-6)
+    assert out["nce_chance"] == pytest.approx(math.log(1 + (hard_negatives or 21)))  # 24 anchors, 3 per sequence
+    # trainer.nce_latents < 1: the held-out figures read the latents the term trains, as training does
+    part, _ = reconstruction_scores(sae, [batch], temperature=0.3, hard_negatives=hard_negatives, latents=12)
+    with torch.no_grad():
+        ref = info_nce_loss(sae.encode(batch.anchors)[:, :12], sae.encode(batch.partners)[:, :12], batch.seq_id, 0.3,
+                            hard_negatives)
+    assert part["nce"] == pytest.approx(ref.item(), rel=1e-6) and part["nce"] != pytest.approx(out["nce"])
+
+
+@pytest.mark.parametrize("hard_negatives", [0, 4])
+def test_held_out_figures_weigh_every_anchor_once_across_unequal_batches(hard_negatives):
+    """Two full batches, a partial last one, and one of a single sequence (no negative: left out of the nce and
+    positive-pair averages). The held-out figures are per-anchor (per-pair) means, not means of batch means."""
+    g = torch.Generator().manual_seed(3)
+    batches = [_random_batch(g, 32, 4), _random_batch(g, 32, 8, first_seq=8), _random_batch(g, 5, 2, first_seq=12),
+               _random_batch(g, 3, 3, first_seq=20)]
+    sae = build_sae(ReluConfig(d_in=16, dict_size=48))
+    out, _ = reconstruction_scores(sae, batches, temperature=0.5, hard_negatives=hard_negatives)
+    with torch.no_grad():
+        ref = _slow_reference(sae, batches, 0.5, hard_negatives)
+    for key, value in ref.items():
+        assert out[key] == pytest.approx(value, rel=1e-5), key
+    with torch.no_grad():
+        per_batch = [info_nce_loss(sae.encode(b.anchors), sae.encode(b.partners), b.seq_id, 0.5, hard_negatives).item()
+                     for b in batches[:3]]
+    assert out["nce"] != pytest.approx(sum(per_batch) / 3, rel=1e-4), "the partial batch must weigh 5, not 32"
+    assert out["tokens"] == 72  # reconstruction figures still cover every anchor, the single-sequence batch too
+
+
+def _contrastive_sae(d: int = 16):
+    """z = ReLU(x) with an identity decoder: codes of one-hot inputs are one-hot."""
+    sae = build_sae(ReluConfig(d_in=d, dict_size=d, layer_norm=False))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_perfectly_contrastive_codes_beat_chance_and_random_codes_sit_at_it():
+    # Sequence s's anchors and partners all code to e_s: positives cos 1, other sequences cos 0.
+    seq = torch.arange(32) // 4
+    x = 3.0 * torch.eye(16)[seq]
+    tau = 0.1
+    out, _ = reconstruction_scores(_contrastive_sae(), [_batch(x, x.clone(), seq)], temperature=tau, hard_negatives=0)
+    assert out["nce_chance"] == pytest.approx(math.log(29))
+    assert out["nce"] == pytest.approx(math.log(1 + 28 * math.exp(-1 / tau)), rel=1e-4)
+    assert out["nce"] < 0.01 * out["nce_chance"]
+    assert (out["code_sim_positive"], out["code_sim_negative"]) == (pytest.approx(1.0), pytest.approx(0.0))
+
+    # Codes that say nothing of the sequence: every code along e_0, every logit equal, nce exactly chance.
+    same = torch.linspace(1, 2, 32)[:, None] * torch.eye(16)[0]
+    for m in (0, 7):
+        out, _ = reconstruction_scores(_contrastive_sae(), [_batch(same, same.flip(0), seq)], temperature=tau,
+                                       hard_negatives=m)
+        assert out["nce"] == pytest.approx(out["nce_chance"], rel=1e-5) and out["nce_chance"] == pytest.approx(
+            math.log(1 + (m or 28)))
+
+    # Random codes of random inputs, at tau 1: near chance.
+    g = torch.Generator().manual_seed(4)
+    batches = [_random_batch(g, 64, 4) for _ in range(4)]
+    out, _ = reconstruction_scores(build_sae(ReluConfig(d_in=16, dict_size=64)), batches, temperature=1.0,
+                                   hard_negatives=0)
+    assert out["nce"] == pytest.approx(out["nce_chance"], abs=0.05)
+
+
+def test_code_cosines_cover_every_batch():
+    """A second, perfectly contrastive batch moves both code cosines: they are not the first batch's."""
+    g = torch.Generator().manual_seed(5)
+    sae = _contrastive_sae()
+    first = _batch(torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g), torch.arange(32) // 4)
+    seq = 8 + torch.arange(32) // 4
+    x = 3.0 * torch.eye(16)[seq - 8]
+    second = _batch(x, x.clone(), seq)
+    one, _ = reconstruction_scores(sae, [first], temperature=1.0, hard_negatives=0)
+    both, _ = reconstruction_scores(sae, [first, second], temperature=1.0, hard_negatives=0)
+    assert both["code_sim_positive"] == pytest.approx((one["code_sim_positive"] + 1.0) / 2)  # 32 anchors each
+    assert both["code_sim_negative"] == pytest.approx(one["code_sim_negative"] / 2)  # as many pairs, cos 0
+    assert both["nce"] < one["nce"]

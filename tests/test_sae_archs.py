@@ -123,7 +123,7 @@ def test_batchtopk_eval_mode_gates_each_code_at_the_threshold():
     x = rand(12, D, seed=4)
     out = sae(x)
     assert torch.equal(out.z, out.pre * (out.pre > 0.3))
-    assert torch.equal(out.x_hat, sae.decode(out.z))
+    assert torch.equal(out.x_hat, sae.decode(out.z, x))
     assert (out.z != 0).sum() != 2 * 12  # no batch budget at inference
     assert torch.allclose(sae(x[:1]).z, out.z[:1], atol=1e-6)  # a token's codes do not depend on its batch
     assert sae.activate(torch.tensor([[0.3, 0.30001, -1.0]])).tolist() == [[0.0, pytest.approx(0.30001), -0.0]]
@@ -221,7 +221,7 @@ def test_jumprelu_encoder_gets_gradient_only_through_firing_codes():
 
 def test_jumprelu_threshold_stays_non_negative(monkeypatch):
     # beta = 0: only the reconstruction acts on theta, and it pushes it down (more codes fire).
-    trainer = Trainer(JumpReluConfig(d_in=D, dict_size=DICT, threshold_init=0.01), tcfg(30, beta=0.0))
+    trainer = Trainer(JumpReluConfig(d_in=D, dict_size=DICT, threshold_init=0.01), tcfg(30, beta=0.0, data_init=False))
     before, after = [], []
     theta = trainer.model.threshold
     record_after_step(monkeypatch, trainer.model, before=lambda out: before.append(theta.min().item()),

@@ -47,8 +47,9 @@ def test_round_trip_in_csc(tmp_path, arch, layer_norm):
     for key in ("d_in", "d_sae", "dtype", "device", "hook_name", "hook_layer", "model_name", "architecture",
                 "apply_b_dec_to_input", "normalize_activations", "context_size", "prepend_bos", "csc_norm_scale"):
         assert key in saved, key
-    assert saved["hook_name"] == "blocks.19.hook_resid_post" and saved["normalize_activations"] == "none"
-    assert saved["architecture"].startswith("csc_layernorm_") == layer_norm
+    assert saved["hook_name"] == "blocks.19.hook_resid_post"
+    assert saved["normalize_activations"] == ("layer_norm" if layer_norm else "none")
+    assert saved["architecture"] == type(sae).saelens_architecture
     weights = load_file(str(tmp_path / "e" / "sae_weights.safetensors"))
     assert {k: tuple(v.shape) for k, v in weights.items() if k != "threshold"} == {
         "W_enc": (D, M), "b_enc": (M,), "W_dec": (M, D), "b_dec": (D,)}
@@ -68,8 +69,6 @@ def test_saelens_computes_what_csc_computes_on_raw_activations(tmp_path, arch, l
 
     sae = trained_like(arch, layer_norm, seed=3)
     save_sae(sae, tmp_path / "e", HOOK)
-    if layer_norm:  # plain SAELens refuses these: see the fresh-process test below
-        import csc.interop.saelens  # noqa: F401  registers csc's LayerNorm classes
     loaded = SAE.load_from_disk(str(tmp_path / "e"))
     x_raw = raw_activations()
     ours = sae(x_raw * HOOK.norm_scale)
@@ -82,18 +81,6 @@ def test_saelens_computes_what_csc_computes_on_raw_activations(tmp_path, arch, l
     assert (ours.z != 0).any() and not (ours.z != 0).all(), "a sparse code, so the comparison means something"
 
 
-def test_layer_norm_export_is_refused_by_plain_saelens_in_a_fresh_process(tmp_path):
-    """Without csc's registration SAELens refuses a LayerNorm export rather than compute other codes (a fresh
-    interpreter: in this one the registration may already be done)."""
-    import subprocess
-    import sys
-
-    save_sae(trained_like("relu", True), tmp_path / "e", HOOK)
-    code = f"from sae_lens import SAE\nSAE.load_from_disk({str(tmp_path / 'e')!r})"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode != 0 and "csc_layernorm_standard" in run.stderr
-
-
 def test_foreign_or_broken_exports_are_refused(tmp_path):
     with pytest.raises(CacheError, match="not an exported SAE"):
         load_sae(tmp_path / "none")
@@ -103,6 +90,11 @@ def test_foreign_or_broken_exports_are_refused(tmp_path):
     cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "csc_sae_config"}))
     with pytest.raises(CacheError, match="not written by csc"):
         load_sae(tmp_path / "e")
+    cfg["csc_sae_config"]["layer_norm"] = True  # an export of csc before the LayerNorm was SAELens's
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CacheError, match="normalize_activations 'none' does not match"):
+        load_sae(tmp_path / "e")
+    cfg["csc_sae_config"]["layer_norm"] = False
     cfg["csc_sae_config"]["architecture"] = "gated"
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CacheError, match="csc_sae_config is invalid"):

@@ -5,6 +5,7 @@ import torch
 
 from csc.sae.archs import ARCHITECTURES, build_sae
 from csc.sae.archs.relu import ReluConfig
+from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
 from csc.sae.losses import (TERM_NAMES, WEIGHT_NAMES, AuxK, InfoNCE, Reconstruction, Sparsity, StepInputs,
                             auxk_loss, build_terms, info_nce_loss)
@@ -98,10 +99,11 @@ def test_info_nce_all_zero_codes_and_no_negatives():
 
 def test_mse_and_l1_conventions():
     x, x_hat, z = rand(5, 4, seed=7), rand(5, 4, seed=8), codes(5, 6, seed=9)
-    assert mse(x, x_hat).item() == pytest.approx(((x - x_hat) ** 2).sum().item() / 5, rel=1e-6)
+    # mse per dimension; l1 per token in units of sqrt(d_in) = 2
+    assert mse(x, x_hat).item() == pytest.approx(((x - x_hat) ** 2).sum().item() / (5 * 4), rel=1e-6)
     relu = build_sae(ReluConfig(d_in=4, dict_size=6))
     out = ForwardOutput(x=x, pre=z, z=z, x_hat=x_hat)
-    assert relu.sparsity_loss(out).item() == pytest.approx(z.abs().sum().item() / 5, rel=1e-6)
+    assert relu.sparsity_loss(out).item() == pytest.approx(z.abs().sum().item() / 5 / 2, rel=1e-6)
     # The terms compute exactly these.
     inputs = StepInputs(batch=None, out=out, model=relu, dead=None, encode=None)
     cfg = TrainerConfig(steps=10)
@@ -155,3 +157,21 @@ def test_auxk_matches_loop_and_trains_only_dead_latents():
     assert w_dec.grad[dead].abs().sum() > 0
     none_dead = auxk_loss(x, x_hat, pre, w_dec, torch.zeros(m, dtype=torch.bool), k_aux)
     assert none_dead.item() == 0.0
+
+
+def test_info_nce_on_a_share_of_the_latents_sees_only_those():
+    sae = build_sae(ReluConfig(d_in=8, dict_size=40, layer_norm=False))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # most codes non-zero, so every latent could carry contrast
+    x, partners = rand(12, 8, seed=1), rand(12, 8, seed=2)
+    seq = torch.arange(12) // 3
+    batch = ActivationBatch(x, partners, seq, torch.zeros(12, dtype=torch.long))
+    out = sae(x)
+    inputs = StepInputs(batch=batch, out=out, model=sae, dead=None, encode=sae.encode)
+    term = InfoNCE(TrainerConfig(steps=10, nce_latents=0.25), 40)
+    assert term.latents == 10
+    value = term(inputs)
+    assert value.item() == pytest.approx(
+        info_nce_loss(out.z[:, :10], sae.encode(partners)[:, :10], seq, 1.0).item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(value, out.pre)
+    assert grad[:, 10:].abs().max() == 0 and grad[:, :10].abs().max() > 0  # the other latents feel nothing

@@ -22,7 +22,7 @@ def sparse_codes(n, m, seed=0):
 # Slow references: explicit python loops over tokens and features.
 def ref_mse(x, x_hat):
     return sum(sum((x[i, j] - x_hat[i, j]).item() ** 2 for j in range(x.shape[1]))
-               for i in range(x.shape[0])) / x.shape[0]
+               for i in range(x.shape[0])) / (x.shape[0] * x.shape[1])
 
 
 def ref_ev(x, x_hat):
@@ -36,8 +36,8 @@ def ref_ev(x, x_hat):
 def test_mse_l1_l0_normalized_mse_cosine_match_loops():
     x, x_hat, z = rand(12, 7, seed=1), rand(12, 7, seed=2), sparse_codes(12, 9)
     assert metrics.mse(x, x_hat).item() == pytest.approx(ref_mse(x, x_hat), rel=1e-5)
-    assert metrics.l1(z).item() == pytest.approx(
-        sum(abs(v) for v in z.flatten().tolist()) / 12, rel=1e-5)
+    assert metrics.l1(z, 7).item() == pytest.approx(
+        sum(abs(v) for v in z.flatten().tolist()) / 12 / 7 ** 0.5, rel=1e-5)
     assert metrics.l0(z).item() == pytest.approx(sum(v != 0 for v in z.flatten().tolist()) / 12)
     num = sum((a - b) ** 2 for a, b in zip(x.flatten().tolist(), x_hat.flatten().tolist()))
     den = sum(a * a for a in x.flatten().tolist())
@@ -149,7 +149,7 @@ def test_streaming_stats_equal_the_formulas_on_all_tokens_at_once():
     assert r["mse"] == pytest.approx(metrics.mse(x, x_hat).item(), rel=1e-9)
     assert r["normalized_mse"] == pytest.approx(metrics.normalized_mse(x, x_hat).item(), rel=1e-9)
     assert r["l0"] == pytest.approx(metrics.l0(z).item())
-    assert r["l1"] == pytest.approx(metrics.l1(z.double()).item(), rel=1e-6)
+    assert r["l1"] == pytest.approx(metrics.l1(z.double(), 6).item(), rel=1e-6)
     fired = (z != 0).sum(0)
     assert r["dead_fraction"] == pytest.approx((fired == 0).float().mean().item())
     # An average of per-batch EVs would differ: the accumulator must not do that.

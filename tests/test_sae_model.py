@@ -1,3 +1,5 @@
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from csc.sae.archs.batchtopk import BatchTopKConfig
 from csc.sae.archs.jumprelu import JumpReluConfig
 from csc.sae.archs.relu import ReluConfig
 from csc.sae.archs.topk import TopKConfig
+from csc.sae import metrics
 from csc.sae.config import TrainerConfig
 from csc.sae.model import ForwardOutput
 from csc.sae.trainer import Trainer
@@ -39,25 +42,32 @@ def test_relu_forward_formula(layer_norm):
         sae.b_dec.copy_(rand(16, seed=1))
         sae.b_enc.copy_(rand(32, seed=2) * 0.1)
     x = rand(10, 16, seed=3) * 2 + 1
-    u = x - sae.b_dec
-    if layer_norm:
-        u = (u - u.mean(-1, keepdim=True)) / torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    pre_ref = u @ sae.W_enc + sae.b_enc
+    n, mu, sigma = x, 0.0, 1.0
+    if layer_norm:  # SAELens's layer_norm: unbiased standard deviation, eps added to it
+        mu = x.mean(-1, keepdim=True)
+        sigma = torch.tensor([[statistics.stdev(row)] for row in (x - mu).tolist()])
+        n = (x - mu) / (sigma + 1e-5)
+    pre_ref = (n - sae.b_dec) @ sae.W_enc + sae.b_enc
     z_ref = F.relu(pre_ref)
     out = sae(x)
     assert isinstance(out, ForwardOutput)
     assert out.x is x
     assert torch.allclose(out.pre, pre_ref, atol=1e-5)
     assert torch.allclose(out.z, z_ref, atol=1e-5)
-    assert torch.allclose(out.x_hat, z_ref @ sae.W_dec + sae.b_dec, atol=1e-5)
-    assert torch.allclose(sae.decode(sae.encode(x)), out.x_hat)
+    assert torch.allclose(out.x_hat, (z_ref @ sae.W_dec + sae.b_dec) * sigma + mu, atol=1e-5)
+    assert torch.allclose(sae.decode(sae.encode(x), x), out.x_hat)
+    if layer_norm:
+        # the reconstruction follows the token's norm and mean: scaling and shifting x does the same to x_hat
+        assert torch.allclose(sae(3 * x + 2).x_hat, 3 * out.x_hat + 2, atol=1e-4)
+        with pytest.raises(CscError, match="needs the input x"):
+            sae.decode(out.z)
 
 
-def test_relu_sparsity_loss_is_the_l1_of_the_codes():
+def test_relu_sparsity_loss_is_the_l1_of_the_codes_in_units_of_sqrt_d():
     sae = build_sae(ReluConfig(d_in=16, dict_size=32), seed=0)
     out = sae(rand(5, 16, seed=9))
     assert sae.sparsity_term == "l1"
-    assert sae.sparsity_loss(out).item() == pytest.approx(out.z.abs().sum().item() / 5, rel=1e-6)
+    assert sae.sparsity_loss(out).item() == pytest.approx(out.z.abs().sum().item() / 5 / 4, rel=1e-6)
 
 
 def test_topk_keeps_the_k_largest_positive_preactivations():
@@ -73,11 +83,26 @@ def test_topk_keeps_the_k_largest_positive_preactivations():
     assert ((z != 0).sum(-1) <= 5).all()
 
 
-def test_init_b_dec_is_the_sample_mean():
-    sae = build_sae(ReluConfig(d_in=16, dict_size=32))
-    sample = rand(50, 16, seed=5) + 3
-    sae.init_b_dec(sample)
-    assert torch.allclose(sae.b_dec, sample.mean(0))
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_data_init_centres_starts_at_the_asked_l0_and_fits_the_scale(layer_norm):
+    d, m, l0 = 64, 512, 16
+    sample = rand(2000, d, seed=5) * (1 + torch.arange(d) / 8) + 3  # anisotropic, off-centre
+    for cfg in (ReluConfig(d_in=d, dict_size=m, layer_norm=layer_norm),
+                JumpReluConfig(d_in=d, dict_size=m, layer_norm=layer_norm)):
+        sae = build_sae(cfg, seed=1)
+        dense = sae(sample)
+        assert metrics.l0(dense.z) > m / 4  # the tied random start: a large share of the dictionary fires
+        sae.init_from_data(sample, l0)
+        assert torch.allclose(sae.b_dec, sae.normalise(sample)[0].mean(0), atol=1e-5)
+        out = sae(sample)
+        assert metrics.l0(out.z).item() == pytest.approx(l0, rel=0.05)
+        # the least-squares scale: no scalar multiple of the codes reconstructs the (centred) input better
+        u = sae.normalise(sample)[0] - sae.b_dec
+        r = out.z @ sae.W_dec
+        for c in (0.9, 1.1):
+            assert (u - r).pow(2).sum() < (u - c * r).pow(2).sum()
+        assert metrics.explained_variance(sample, out.x_hat) > 0
+        assert metrics.explained_variance(sample, out.x_hat) > metrics.explained_variance(sample, dense.x_hat)
 
 
 def test_all_zero_weights_are_refused():

@@ -1,10 +1,14 @@
+import math
+
 import pytest
+import torch
 
 from csc.sae.archs import build_sae
 from csc.sae.archs.relu import ReluConfig
 from csc.sae.config import TrainerConfig
-from csc.sae.losses import InfoNCE, build_terms
-from csc.sae.weighting import GradientBalance, ramp
+from csc.sae.losses import InfoNCE, Sparsity, build_terms
+from csc.sae.model import ForwardOutput
+from csc.sae.weighting import GradientBalance, L0Controller, ramp
 
 
 def cfg(**kw):
@@ -36,24 +40,45 @@ def test_linear_warmup_of_beta_and_gamma():
     assert weights_at(default, 10) == {"alpha": 1.0, "beta": 0.04, "gamma": 0.1}
 
 
-def test_balance_rule_ema_and_clamps():
-    b = GradientBalance(ratio=0.5, ema=0.9, low=0.5, high=4.0)
+def test_balance_rule_and_ema():
+    b = GradientBalance(share=1 / 3, ema=0.9)  # share 1/3: the weighted term's gradient is half the reference's
     assert b.weight(0.1) == 0.1  # before any measurement: the configured weight
-    b.observe(2.0, 4.0)  # first measurement sets the averages: target 0.5 * 2 / 4 = 0.25
+    b.observe(2.0, 4.0)  # first measurement sets the averages: 0.5 * 2 / 4 = 0.25
     assert b.weight(0.1) == pytest.approx(0.25)
     b.observe(2.0, 1.0)  # ema: reference 2.0, term 0.9 * 4 + 0.1 * 1 = 3.7
     assert b.weight(0.1) == pytest.approx(0.5 * 2.0 / 3.7)
-    for _ in range(200):
-        b.observe(100.0, 1.0)  # target 50: clamped at 4 * gamma
-    assert b.weight(0.1) == pytest.approx(0.4)
-    for _ in range(200):
-        b.observe(0.001, 1.0)  # target ~0: clamped at 0.5 * gamma
-    assert b.weight(0.1) == pytest.approx(0.05)
+    for _ in range(2000):
+        b.observe(100.0, 1.0)  # far from gamma: no clamp, the share is what is reached
+    assert b.weight(0.1) == pytest.approx(50.0, rel=1e-6)
+
+
+def test_l0_controller_is_an_integral_controller_in_log_space():
+    c = L0Controller(target=20.0, rate=0.1)
+    assert c.multiplier == 1.0
+    c.observe(20.0)
+    assert c.multiplier == 1.0  # at the target: no change
+    c.observe(62.0)  # ln(63) - ln(21) = ln 3
+    assert c.multiplier == pytest.approx(3 ** 0.1)
+    c.observe(6.0)  # ln(7) - ln(21) = -ln 3: back
+    assert c.multiplier == pytest.approx(1.0)
+    d = L0Controller(target=20.0, rate=0.1)
+    d.load_state_dict({**c.state_dict(), "log_multiplier": 0.5})
+    assert d.multiplier == pytest.approx(math.exp(0.5))
+
+
+def test_target_l0_multiplies_beta_after_its_warmup():
+    term = Sparsity("l1", cfg(beta=0.04, beta_warmup_steps=10, target_l0=20.0, target_l0_rate=0.1))
+    dense = ForwardOutput(x=None, pre=None, z=torch.ones(3, 62), x_hat=None)
+    term.after_step(5, dense)  # during the warm-up: not observed
+    assert term.weight(10) == pytest.approx(0.04)
+    term.after_step(10, dense)
+    assert term.weight(10) == pytest.approx(0.04 * 3 ** 0.1)
+    assert term.weight(5) == pytest.approx(0.02 * 3 ** 0.1)
+    assert Sparsity("l1", cfg(beta=0.04)).control is None
 
 
 def test_info_nce_weight_is_balanced_gamma_times_ramp():
-    term = InfoNCE(cfg(gamma=0.1, gamma_warmup_steps=10, balance=True, balance_ratio=0.5,
-                       balance_ema=0.9, balance_min=0.5, balance_max=4.0))
+    term = InfoNCE(cfg(gamma=0.1, gamma_warmup_steps=10, balance=True, balance_share=1 / 3, balance_ema=0.9), 8)
     assert term.weight(20) == 0.1  # before any measurement: the configured gamma
     assert term.weight(5) == pytest.approx(0.05)
     term.balance.observe(2.0, 4.0)
@@ -63,21 +88,21 @@ def test_info_nce_weight_is_balanced_gamma_times_ramp():
 
 
 def test_balance_off_ignores_measurements_and_gamma_zero_stays_zero():
-    off = InfoNCE(cfg(gamma=0.1, gamma_warmup_steps=0))
+    off = InfoNCE(cfg(gamma=0.1, gamma_warmup_steps=0), 8)
     assert off.balance is None  # nothing to measure: the trainer never observes
     assert off.weight(3) == 0.1
-    zero = InfoNCE(cfg(gamma=0.0, balance=True))
+    zero = InfoNCE(cfg(gamma=0.0, balance=True), 8)
     zero.balance.observe(5.0, 1.0)
     assert all(zero.weight(s) == 0.0 for s in range(0, 3000, 100))
     assert "gamma" not in weights_at(cfg(gamma=0.0, balance=True), 50)  # no InfoNCE term at all
 
 
 def test_state_round_trip():
-    a = InfoNCE(cfg(balance=True))
+    a = InfoNCE(cfg(balance=True), 8)
     a.balance.observe(1.5, 0.3)
     a.balance.observe(1.1, 0.7)
-    b = InfoNCE(cfg(balance=True))
+    b = InfoNCE(cfg(balance=True), 8)
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict() == a.balance.state_dict()
     assert b.weight(2000) == a.weight(2000) != 0.1
-    assert InfoNCE(cfg()).state_dict() == {}
+    assert InfoNCE(cfg(), 8).state_dict() == {}

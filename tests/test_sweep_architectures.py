@@ -25,7 +25,7 @@ def spec_data(cache, **sweep) -> dict:
                         "train_tokens": 1024, "eval_tokens": 512, "cache_dir": str(cache)},
         "sae": {"dict_size": 128},
         "trainer": {"steps": 20, "batch_size": 64, "log_every": 5, "gamma": 0.1},
-        "eval": {"ce_contexts": 2, "batch_size": 128},
+        "eval": {"ce_contexts": 2},
         "checkpoint_every": 10,
         "sweep": {"num_samples": 4, "max_concurrent": 2, "search": SEARCH, "scheduler": None,
                   "resources": {"trial_cpus": 0.5, "producer_cpus": 0.5}, **sweep},
@@ -65,8 +65,10 @@ def test_architecture_search_mistakes_are_named(tmp_path, cache, search, message
 @pytest.mark.slow
 def test_a_sweep_over_every_architecture(tmp_path, cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    points = [{"sae.architecture": a, "sae.k": 8} for a in ARCHITECTURES]
-    spec = load(tmp_path, spec_data(cache, points_to_evaluate=points))
+    # method grid: every architecture once, in order (the grid mode end to end); k only where it exists
+    search = {**SEARCH, "sae.k": {"type": "choice", "values": [8]}}
+    spec = load(tmp_path, spec_data(cache, method="grid", search=search, num_samples=None))
+    assert spec.n_trials == len(ARCHITECTURES)
     try:
         result = run_sweep(spec, "archs", tmp_path / "runs", verbose=0)
     finally:

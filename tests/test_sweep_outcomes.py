@@ -49,7 +49,8 @@ def test_untracked_sweep_keeps_every_file_of_its_folder(tmp_path, cache, monkeyp
     metrics = rows["trial_01"]["metrics"]
     assert metrics == metrics_of(last) and not set(metrics) & NOT_METRICS
     assert set(metrics) >= {"loss", "mse", "l1", "nce", "ev", "l0", "dead_frac", "lr", "beta", "gamma", "tokens",
-                            "tokens_per_s", "eval/explained_variance", "eval/ce_loss_recovered"}
+                            "tokens_per_s", "eval/explained_variance", "eval/ce_loss_recovered", "eval/delta_ce",
+                            "eval/kl_spliced", "eval/nce", "eval/nce_chance"}
     assert {"pid", "training_iteration", "time_this_iter_s", "timestamp"} <= set(last), "Tune's, left out"
 
     assert not any((tmp_path / p).exists() for p in ("mlflow.db", "mlartifacts")), "no MLflow store was made"

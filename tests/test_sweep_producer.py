@@ -8,9 +8,10 @@ import pytest
 import ray
 import torch
 
-from csc.activations.source import Activations
+from csc.activations.pairing import RULES
+from csc.activations.source import Activations, shard_batches
 from csc.config import TrainRunSpec
-from csc.sweep.producer import ActivationProducer, RemoteActivations, start_producer
+from csc.sweep.producer import ActivationProducer, RemoteActivations, _shard_bytes, start_producer
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,8 +52,8 @@ def test_prefetch_makes_the_next_shards_before_they_are_asked_for(cache):
 
 
 def test_memory_is_bounded_least_recently_used_first(cache):
-    p = producer(cache, 1, 0, "activations.train_tokens=4096")  # 16 shards of 8x32x64 floats: 64 KiB each
-    shard_mb = p.shard("train", 0).acts.numel() * 4 / 2**20
+    p = producer(cache, 1, 0, "activations.train_tokens=4096")  # 16 shards, 64 KiB of activations each
+    shard_mb = _shard_bytes(p.shard("train", 0)) / 2**20  # acts, every rule's partners, tokens, seq ids
     for i in range(16):
         p.shard("train", i)
     st = p.stats()
@@ -63,6 +64,15 @@ def test_memory_is_bounded_least_recently_used_first(cache):
     assert p.stats()["memory_hits"] == hits + 1  # the newest shard stayed...
     p.shard("train", 0)
     assert p.stats()["memory_hits"] == hits + 1  # ...the least recently used went
+
+
+def test_memory_counts_every_rules_partners(cache):
+    p = producer(cache)
+    sh = p.shard("train", 0)
+    n, T = sh.tokens.shape
+    assert sorted(sh.partners) == sorted(RULES)
+    expected = sh.acts.numel() * sh.acts.element_size() + len(RULES) * n * T * 8 + n * T * 8 + n * 8
+    assert p.stats()["memory_mb"] * 2**20 == expected
 
 
 def test_a_bad_shard_request_fails_the_caller_only(cache):
@@ -100,3 +110,19 @@ def test_actor_restarts_after_its_process_dies_and_readers_carry_on(cache, local
     assert torch.equal(before.acts, after.acts)
     stats = ray.get(actor.stats.remote())
     assert stats["lm_shards_computed"] == 0, "the restarted producer reads the disk cache"
+
+
+def test_one_producer_from_the_base_spec_serves_trials_of_every_pairing_rule(cache, local_ray):
+    base = train_spec(cache)
+    actor = start_producer(base, "pairing-test", cpus=0.5, gpus=0, memory_mb=64, prefetch=0, max_restarts=0)
+    runs = {}
+    for rule in RULES:
+        trial = base.model_copy(update={"activations": base.activations.model_copy(update={"pairing": rule})})
+        runs[rule] = list(shard_batches(RemoteActivations(trial, "pairing-test"), "train", 48, seed=1))
+        local = list(Activations(trial).batches("train", 48, seed=1))  # the same cache, read in this process
+        assert len(runs[rule]) == len(local) == 2 * 8 * 30 // 48
+        for got, want in zip(runs[rule], local):
+            assert torch.equal(got.partners, want.partners) and torch.equal(got.anchors, want.anchors), rule
+    assert ray.get(actor.stats.remote())["lm_shards_computed"] == 2, "every rule from the same two shards"
+    assert not torch.equal(runs["previous"][0].partners, runs["random"][0].partners)
+    assert all(torch.equal(b[0].anchors, runs["previous"][0].anchors) for b in runs.values())

@@ -25,7 +25,8 @@ def train(loss, mse, ev, l0, nce=0.1):
 
 
 def held_out(ev, l0, ce, kl=0.1):
-    m = {"eval/explained_variance": ev, "eval/l0": l0, "eval/ce_loss_recovered": ce, "eval/mse": 0.5}
+    m = {"eval/explained_variance": ev, "eval/l0": l0, "eval/ce_loss_recovered": ce, "eval/mse": 0.5,
+         "eval/delta_ce": 2 * (1 - ce)}
     return m if kl is None else {**m, "eval/kl_spliced": kl}
 
 
@@ -57,8 +58,9 @@ def test_trials_table_columns_and_cells(rows, tmp_path):
     with open(path, newline="") as f:
         header, *body = list(csv.reader(f))
     params = ["sae.dict_size", "trainer.beta", "trainer.gamma", "trainer.lr", "trainer.temperature"]
+    # Whatever the trials reported, in order of first appearance, but delta CE and KL beside CE loss recovered.
     metrics = ["loss", "mse", "l1", "ev", "l0", "dead_frac", "nce", "eval/explained_variance", "eval/l0",
-               "eval/ce_loss_recovered", "eval/mse", "eval/kl_spliced"]  # whatever the trials reported
+               "eval/ce_loss_recovered", "eval/delta_ce", "eval/kl_spliced", "eval/mse"]
     assert header == ["trial", "outcome", "steps_done", "steps_total", *params, *metrics, "reason"]
     table = {r["trial"]: r for r in (dict(zip(header, b)) for b in body)}
     assert list(table) == names(rows)
@@ -130,13 +132,14 @@ def test_format_best(rows):
     lines = text.splitlines()
     assert len(lines) == 2 + len(best)
     assert lines[0].split() == ["trial", "outcome", "steps", "trainer.beta", "trainer.gamma", "ev", "(max)", "l0",
-                                "(min)", "eval/explained_variance", "eval/ce_loss_recovered"]
+                                "(min)", "eval/explained_variance", "eval/ce_loss_recovered", "eval/delta_ce",
+                                "eval/kl_spliced"]
     for r in best:
         assert r["trial"] in text
     early = next(line for line in lines if "trial_00003" in line)
-    assert early.split()[-2:] == ["-", "-"] and "100/300" in early  # stopped early: no held-out figures
+    assert early.split()[-4:] == ["-"] * 4 and "100/300" in early  # stopped early: no held-out figures
     t0 = next(line for line in lines if "trial_00000" in line)
-    assert t0.split()[-2:] == ["0.78", "0.9"]
+    assert t0.split()[-4:] == ["0.78", "0.9", "0.2", "0.1"]
     assert format_best([{"trial": "x", "metrics": {"ev": 1 / 3}}], [("ev", "max")], ["p"]).splitlines()[-1].split() \
         == ["x", "-", "-/-", "-", "0.3333"]
 

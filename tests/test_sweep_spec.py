@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from csc.activations.pairing import RULES
+from csc.activations.source import Activations
 from csc.cli import main
 from csc.config import load_spec
 from csc.errors import SpecError
@@ -47,7 +49,12 @@ def test_points_take_the_fields_types(tmp_path):
     (lambda d: d["sweep"]["search"].update({"trainer.betta": {"type": "uniform", "low": 0, "high": 1}}),
      "sweep.search.trainer.betta: TrainerConfig has no searchable field 'betta'"),
     (lambda d: d["sweep"]["search"].update({"model.name": {"type": "choice", "values": ["x"]}}),
-     "sweep.search.model.name: searched fields are `sae.<field>` or `trainer.<field>`"),
+     "sweep.search.model.name: searched fields are `sae.<field>`, `trainer.<field>` or `activations.pairing`"),
+    (lambda d: d["sweep"]["search"].update({"activations.layer": {"type": "choice", "values": [1, 2]}}),
+     "sweep.search.activations.layer: searched fields are `sae.<field>`, `trainer.<field>` or `activations.pairing` "
+     "(other activations fields would change the activations all trials share)"),
+    (lambda d: d["sweep"]["search"].update({"activations.pairing": {"type": "choice", "values": ["previous", "nearest"]}}),
+     "sweep.search.activations.pairing: value 'nearest' is invalid: Input should be 'similar_attention', 'attended'"),
     (lambda d: d["sweep"]["search"].update({"trainer.temperature": {"type": "uniform", "low": -1, "high": 1}}),
      "sweep.search.trainer.temperature: value -1.0 is invalid"),
     (lambda d: d["sweep"]["search"]["trainer.beta"].update(low=0.5), "low (0.5) must be below high (0.1)"),
@@ -59,6 +66,8 @@ def test_points_take_the_fields_types(tmp_path):
     (lambda d: d["sweep"].update(points_to_evaluate=[{"trainer.beta": 0.01, "sae.dict_size": 0}]),
      "sweep.points_to_evaluate[0].sae.dict_size: value 0 is invalid"),
     (lambda d: d["sweep"]["scheduler"].update(grace_period=40), "sweep.scheduler.grace_period (40) must be below"),
+    (lambda d: d["trainer"].update(gamma_warmup_steps=12),
+     "sweep.scheduler.grace_period (10) must come after the warm-ups (trainer.gamma_warmup_steps: 12 steps)"),
     (lambda d: d["sweep"].update(objectives=[{"metric": "explained_variance", "mode": "max"}]),
      "sweep.objectives.0.metric: Input should be 'loss', 'mse'"),
     (lambda d: d["sweep"].update(num_samples=0), "sweep.num_samples: Input should be greater than or equal to 1"),
@@ -71,6 +80,24 @@ def test_spec_errors_name_file_and_field(tmp_path, change, message):
         load_spec(SweepSpec, path)
     assert str(e.value).startswith(f"{path}: ")
     assert message in str(e.value)
+
+
+def test_the_pairing_rule_is_searchable_and_each_trial_gets_its_own_while_sharing_the_cache(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["activations"] = {"pairing": "attended", "layer": 2, "cache_dir": str(tmp_path / "cache")}
+    data["sweep"]["search"] = {"activations.pairing": {"type": "choice", "values": list(RULES)},
+                               "trainer.gamma": {"type": "uniform", "low": 0.0, "high": 1.0}}
+    data["sweep"]["points_to_evaluate"] = [{"activations.pairing": "previous", "trainer.gamma": 0.5},
+                                           {"activations.pairing": "random", "trainer.gamma": 0.5}]
+    spec = load_spec(SweepSpec, write(tmp_path, data))
+    base = spec.trial({})  # what the sweep's producer is built from
+    assert base.activations.pairing == "attended"
+    for rule in RULES:
+        trial = spec.trial({"activations.pairing": rule, "trainer.gamma": 0.25})
+        assert trial.activations.pairing == rule and trial.trainer.gamma == 0.25
+        assert trial.activations.model_dump(exclude={"pairing"}) == base.activations.model_dump(exclude={"pairing"})
+        assert Activations(trial).caches["train"].dir == Activations(base).caches["train"].dir
+    assert [spec.trial(p).activations.pairing for p in spec.sweep.points_to_evaluate] == ["previous", "random"]
 
 
 def test_cli_refuses_a_bad_spec_before_ray_starts(tmp_path, capsys):
@@ -124,3 +151,32 @@ def test_cli_refuses_an_empty_corpus_and_a_dictionary_beyond_memory_before_ray(t
     err = capsys.readouterr().err
     assert "sae.dict_size up to 400000000: 2 trials at once need about" in err and "GiB" in err
     assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "s.yaml"]
+
+
+def test_grid_method_runs_every_combination_once(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["sweep"]["method"] = "grid"
+    data["sweep"]["search"] = {"trainer.gamma": {"type": "choice", "values": [0.0, "1e-1"]},
+                               "activations.pairing": {"type": "choice", "values": ["similar_attention", "previous"]},
+                               "trainer.seed": {"type": "choice", "values": [0, 1, 2]}}
+    spec = load_spec(SweepSpec, write(tmp_path, data))
+    grid = spec.grid()
+    assert spec.n_trials == len(grid) == 12
+    assert grid[0] == {"trainer.gamma": 0.0, "activations.pairing": "similar_attention", "trainer.seed": 0}
+    assert grid[1]["trainer.seed"] == 1 and grid[-1] == {"trainer.gamma": 0.1, "activations.pairing": "previous",
+                                                         "trainer.seed": 2}
+    assert len({tuple(p.values()) for p in grid}) == 12
+    for change, message in (
+            (lambda d: d["sweep"]["search"].update({"trainer.beta": {"type": "uniform", "low": 0.01, "high": 0.1}}),
+             "sweep.method grid needs `choice` values for every searched field (trainer.beta is a range)"),
+            (lambda d: d["sweep"].update(num_samples=5), "sweep.num_samples (5) must be the grid's size, 12"),
+            (lambda d: d["sweep"].update(points_to_evaluate=[{"trainer.gamma": 0.0, "activations.pairing": "previous",
+                                                              "trainer.seed": 0}]),
+             "sweep.points_to_evaluate: a grid runs every point already")):
+        bad = yaml.safe_load(yaml.safe_dump(data))
+        change(bad)
+        with pytest.raises(SpecError) as e:
+            load_spec(SweepSpec, write(tmp_path, bad))
+        assert message in str(e.value)
+    data["sweep"].pop("method")
+    assert load_spec(SweepSpec, write(tmp_path, data)).n_trials == 8  # optuna's default

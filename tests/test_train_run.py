@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ TINY = ["model.name=tiny-gemma2", "activations.layer=2", "activations.context_le
         "activations.contexts_per_shard=8", "activations.train_tokens=1024", "activations.eval_tokens=512",
         "sae.dict_size=128", "trainer.steps=40", "trainer.batch_size=64", "trainer.lr_warmup_steps=5",
         "trainer.beta_warmup_steps=5", "trainer.gamma_warmup_steps=5", "trainer.log_every=5",
-        "eval.ce_contexts=4", "eval.batch_size=128", "checkpoint_every=10"]
+        "eval.ce_contexts=4", "checkpoint_every=10"]
 
 
 def spec(cache, *extra) -> TrainRunSpec:
@@ -47,6 +48,10 @@ def test_run_exports_and_eval_reproduces_metrics(cache, tmp_path, capsys):
     assert main(["eval", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"{results['explained_variance']:.6g}" in printed and f"{results['ce_spliced']:.6g}" in printed
+    assert results["delta_ce"] == results["ce_spliced"] - results["ce_clean"]
+    # Held-out batches are training's (64 anchors): at most 63 negatives each.
+    assert 0 < results["nce"] and math.log(2) < results["nce_chance"] <= math.log(64)
+    assert f"{results['nce']:.6g}" in printed and f"{results['delta_ce']:.6g}" in printed
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
@@ -87,10 +92,12 @@ def test_interrupted_run_resumes_bit_for_bit(cache, tmp_path, arch):
 
 
 def test_cli_train_prints_the_table_and_eval_needs_a_run_folder(cache, tmp_path, capsys):
-    args = ["train", "--out", str(tmp_path / "r")] + [f"--set={s}" for s in [*TINY, f"activations.cache_dir={cache}"]]
+    args = ["train", "--out", str(tmp_path / "r")] + [f"--set={s}" for s in [
+        *TINY, f"activations.cache_dir={cache}", "trainer.gamma=0"]]  # the plain SAE gets held-out InfoNCE too
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "explained variance (centred)" in out and "CE loss recovered" in out and "SAE exported to" in out
+    assert "delta CE (nats)" in out and "InfoNCE (held out)" in out and "InfoNCE at chance" in out
     assert main(["eval", str(tmp_path)]) == 2
     assert "no spec.json" in capsys.readouterr().err
     assert main(["train", "--set=trainer.steps=0", f"--set=activations.cache_dir={cache}"]) == 2

@@ -3,8 +3,15 @@
 Layout under `<cache_root>/activations/<key>/`:
     key.json                what the key was made of (model, layer, corpus, split, context length...)
     manifest.json           facts of the data set: normalisation scale, d_model
-    shard_00000.safetensors acts [n, T, d], partner [n, T] int32, tokens [n, T] int32, seq_id [n] int64
+    shard_00000.safetensors acts [n, T, d]; partner_<rule> [n, T] int32 for every pairing rule
+                            (similar_attention, attended, previous, random; -1 at positions 0 and 1);
+                            tokens [n, T] int32; seq_id [n] int64
     shard_00000.sha256      sha256 of the shard file, written after it
+
+The pairing rule a run trains with is not part of the key: every shard holds all rules' partners, so
+runs and sweep trials with different rules share one folder. FORMAT_VERSION is part of every key and
+changes with the shard layout (2: one partner tensor per rule, where 1 had a single `partner`), so a
+cache of another layout is never found, let alone misread; it is rebuilt under the new key.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run leaves no
 half-written file under a real name. A shard whose bytes do not match its checksum (or that has no
@@ -24,7 +31,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Layout version of the shards, part of every cache key (see the module docstring)."""
 
 
 def cache_key(fields: dict[str, Any]) -> str:

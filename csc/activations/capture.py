@@ -3,12 +3,8 @@
 A forward hook on decoder layer L stores the layer's output and raises `_StopForward`, so the layers
 above L, the final norm and the 262k-wide unembedding are never computed. A hook on the layer's
 attention module stores its attention probabilities (eager attention returns them as the module's
-second output).
-
-Positive partners: for the token at position t, the partner is argmax over j in [1, t-1] of the
-head-averaged attention probability p(t -> j): never itself (j = t), never BOS (j = 0). Position 1
-has no candidate (only BOS and itself precede it) and gets partner -1, as does BOS; neither is a
-training anchor. Ties go to the lowest j (torch.argmax).
+second output), averaged over heads: csc/activations/pairing.py turns them into positive partners
+(every rule's, stored side by side in each shard).
 """
 
 from __future__ import annotations
@@ -84,13 +80,3 @@ def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captu
         raise RuntimeError("the forward pass ended without reaching the hooked layer")
     return Captured(resid=store["resid"], attn=store["attn"])
 
-
-def attention_partners(attn: torch.Tensor) -> torch.Tensor:
-    """[B, T, T] head-averaged attention -> [B, T] int64 partner position, -1 where there is none."""
-    T = attn.shape[-1]
-    t = torch.arange(T, device=attn.device)
-    allowed = (t[None, :] < t[:, None]) & (t[None, :] >= 1)  # j < t (not self, causal) and j != BOS
-    scores = attn.masked_fill(~allowed, float("-inf"))
-    partner = scores.argmax(dim=-1)
-    partner[:, :2] = -1
-    return partner

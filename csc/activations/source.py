@@ -5,8 +5,14 @@
   otherwise from the LM (loaded on first need), then stored.
 - `scale` is the normalisation factor sqrt(d_model) / mean ||x|| estimated on train shard 0 (BOS
   excluded), so that scaled activations have average norm sqrt(d_model). It is part of the trained SAE.
-- `batches(split, batch_size, seed)` yields `ActivationBatch`es of anchors and their attention partners,
-  shuffled within each shard so that one batch holds tokens of many sequences.
+- `batches(split, batch_size, seed)` yields `ActivationBatch`es of anchors and their partners under the
+  spec's `activations.pairing` rule, shuffled within each shard so that one batch holds tokens of many
+  sequences.
+
+A shard holds the partners of every pairing rule (csc/activations/pairing.py), over the same anchors
+(positions >= 2), so the pairing is chosen when batches are made, not when shards are: it is not part
+of the cache key, and one cache (one producer in a sweep) serves every rule. Anchors and their order
+are the same under every rule for one seed; only the partner rows differ.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from tqdm.auto import tqdm
 
 from csc.sae.batch import ActivationBatch
 from csc.activations.cache import ShardCache
-from csc.activations.capture import attention_partners, run_to_layer
+from csc.activations.capture import run_to_layer
+from csc.activations.pairing import (FIRST_ANCHOR, RULES, attention_partners, check_partners, position_partners,
+                                     shard_seed, tensor_name)
 from csc.activations.contexts import ContextStream
 from csc.activations.corpus import Split, corpus_identity, documents
 from csc.activations.models import LanguageModel, check_model_spec, load_language_model, model_identity
-from csc.config import ActivationsRunSpec
+from csc.config import ActivationsRunSpec, PairingRule
 from csc.errors import InputError
 
 SPLITS: tuple[Split, ...] = ("train", "eval")
@@ -37,8 +45,8 @@ class Shard:
     index: int
     acts: torch.Tensor
     """[n, T, d] resid_post of the hooked layer, unscaled, in the cache's store dtype."""
-    partner: torch.Tensor
-    """[n, T] int64 partner position of each token, -1 for BOS and position 1 (no candidate)."""
+    partners: dict[PairingRule, torch.Tensor]
+    """Per pairing rule, [n, T] int64 partner position of each token; -1 at positions 0 and 1 (no anchors)."""
     tokens: torch.Tensor
     """[n, T] int64 token ids (BOS first)."""
     seq_id: torch.Tensor
@@ -106,13 +114,15 @@ class Activations:
     def shard(self, split: Split, i: int) -> Shard:
         cache = self.caches[split]
         tensors = cache.load(i)
-        if tensors is None:
-            if i in cache.rejected:
-                print(f"csc: activation shard {cache.dir}/shard_{i:05d} failed its checksum; regenerating it",
-                      flush=True)
+        problem = None if tensors is None else shard_problem(tensors)
+        if tensors is None or problem is not None:
+            if problem is not None or i in cache.rejected:
+                print(f"csc: activation shard {cache.dir}/shard_{i:05d} {problem or 'failed its checksum'}; "
+                      f"regenerating it", flush=True)
             tensors = self._compute(split, i)
             cache.store(i, tensors)
-        return Shard(index=i, acts=tensors["acts"], partner=tensors["partner"].long(),
+        return Shard(index=i, acts=tensors["acts"],
+                     partners={rule: tensors[tensor_name(rule)].long() for rule in RULES},
                      tokens=tensors["tokens"].long(), seq_id=tensors["seq_id"])
 
     def _compute(self, split: Split, i: int) -> dict[str, torch.Tensor]:
@@ -121,16 +131,18 @@ class Activations:
         ids = self._stream(split).get(i * S, (i + 1) * S)
         store = getattr(torch, a.store_dtype)
         lm = self.lm
-        acts, partners = [], []
+        acts, found = [], []
         t0 = time.perf_counter()
         for chunk in ids.split(a.lm_batch_size):
             cap = run_to_layer(lm.model, chunk.to(lm.device), a.layer)
             acts.append(cap.resid.to("cpu", store))
-            partners.append(attention_partners(cap.attn).cpu())
+            found.append({rule: p.cpu() for rule, p in attention_partners(cap.attn).items()})
         self.lm_seconds += time.perf_counter() - t0
         self.lm_tokens += ids.numel()
         self.lm_shards_computed += 1
-        return {"acts": torch.cat(acts), "partner": torch.cat(partners).to(torch.int32),
+        partners = {rule: torch.cat([f[rule] for f in found]) for rule in found[0]}
+        partners.update(position_partners(*ids.shape, seed=shard_seed(split, i)))
+        return {"acts": torch.cat(acts), **{tensor_name(r): partners[r].to(torch.int32) for r in RULES},
                 "tokens": ids.to(torch.int32), "seq_id": torch.arange(i * S, (i + 1) * S, dtype=torch.int64)}
 
     @property
@@ -164,8 +176,21 @@ class Activations:
     # ------------------------------------------------------------------ batches
 
     def batches(self, split: Split, batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
-                n_shards: int | None = None) -> Iterator[ActivationBatch]:
-        return shard_batches(self, split, batch_size, seed, device, n_shards)
+                n_shards: int | None = None, drop_last: bool = True) -> Iterator[ActivationBatch]:
+        return shard_batches(self, split, batch_size, seed, device, n_shards, drop_last)
+
+
+def shard_problem(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why stored tensors are not a shard of this layout (a missing tensor, partners that break the anchor
+    contract), or None. Such a shard is regenerated, never read: a missing rule must not turn into another."""
+    missing = [name for name in ("acts", "tokens", "seq_id", *map(tensor_name, RULES)) if name not in tensors]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for rule in RULES:
+        problem = check_partners(tensors[tensor_name(rule)])
+        if problem is not None:
+            return f"has bad {tensor_name(rule)}: {problem}"
+    return None
 
 
 class ShardSource(Protocol):
@@ -181,21 +206,28 @@ class ShardSource(Protocol):
 
 
 def shard_batches(source: ShardSource, split: Split, batch_size: int, seed: int = 0,
-                  device: str | torch.device = "cpu", n_shards: int | None = None) -> Iterator[ActivationBatch]:
+                  device: str | torch.device = "cpu", n_shards: int | None = None,
+                  drop_last: bool = True) -> Iterator[ActivationBatch]:
     """One pass over the split's shards in order, tokens shuffled within each shard (seeded).
 
-    Anchors are the tokens with a partner (positions >= 2). Tokens left over at the end of a shard
-    start the next batch; the remainder after the last shard is dropped, so every batch is full.
+    Anchors are the tokens at positions >= 2 of every context, paired under `source.spec.activations.pairing`;
+    the anchors and their order depend on the seed only, not on the rule. Tokens left over at the end of a
+    shard start the next batch. The remainder after the last shard is dropped with `drop_last` (training:
+    every batch full), else yielded as a last, smaller batch (evaluation: every held-out anchor counts).
     """
     scale = source.scale
+    rule = source.spec.activations.pairing
     gen = torch.Generator().manual_seed(seed)
     carry: list[torch.Tensor] | None = None
     for i in range(source.n_shards[split] if n_shards is None else n_shards):
         sh = source.shard(split, i)
-        ctx, pos = (sh.partner >= 0).nonzero(as_tuple=True)
+        partner = sh.partners[rule]
+        n, T = partner.shape
+        ctx = torch.arange(n).repeat_interleave(T - FIRST_ANCHOR)
+        pos = torch.arange(FIRST_ANCHOR, T).repeat(n)
         perm = torch.randperm(ctx.numel(), generator=gen)
         ctx, pos = ctx[perm], pos[perm]
-        parts = [sh.acts[ctx, pos].float() * scale, sh.acts[ctx, sh.partner[ctx, pos]].float() * scale,
+        parts = [sh.acts[ctx, pos].float() * scale, sh.acts[ctx, partner[ctx, pos]].float() * scale,
                  sh.seq_id[ctx], pos]
         if carry is not None:
             parts = [torch.cat([c, p]) for c, p in zip(carry, parts)]
@@ -203,3 +235,5 @@ def shard_batches(source: ShardSource, split: Split, batch_size: int, seed: int 
         for s in range(0, n_full, batch_size):
             yield ActivationBatch(*(p[s:s + batch_size] for p in parts)).to(device)
         carry = [p[n_full:] for p in parts]
+    if not drop_last and carry is not None and carry[0].shape[0] > 0:
+        yield ActivationBatch(*carry).to(device)

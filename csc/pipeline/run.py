@@ -135,11 +135,17 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
 def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
                  splice: Callable[[SparseAutoencoder], dict[str, float]] | None = None
                  ) -> tuple[dict[str, float], DensityHistogram]:
-    """Held-out reconstruction metrics over every eval token, and CE/KL over `eval.ce_contexts` contexts.
+    """Held-out reconstruction and contrastive metrics over every eval token, and CE/KL over `eval.ce_contexts`
+    contexts. Held-out batches have the training batch size (capped to the held-out anchors), so held-out nce
+    has the training nce's negatives per anchor and the same chance level.
 
     `splice` measures CE/KL where the LM lives (the sweep's producer actor); by default `acts` holds it."""
     sae = sae.to("cpu").eval()
-    results, hist = reconstruction_scores(sae, shard_batches(acts, "eval", min(spec.eval.batch_size, _eval_anchors(acts))))
+    size = min(spec.trainer.batch_size, _eval_anchors(acts))
+    batches = shard_batches(acts, "eval", size, drop_last=False)
+    results, hist = reconstruction_scores(sae, batches, temperature=spec.trainer.temperature,
+                                          hard_negatives=spec.trainer.hard_negatives,
+                                          latents=spec.trainer.nce_latent_count(sae.cfg.dict_size))
     results.update(splice(sae) if splice is not None else splice_run(spec, sae, acts))
     return results, hist
 
@@ -178,9 +184,11 @@ METRIC_ORDER = [
     ("explained_variance", "explained variance (centred)"), ("mse", "MSE"), ("normalized_mse", "normalised MSE"),
     ("cosine_similarity", "cosine(x, x_hat)"), ("l0", "L0"), ("l1", "L1"), ("dead_fraction", "dead fraction"),
     ("ce_clean", "CE clean"), ("ce_spliced", "CE with SAE"), ("ce_ablated", "CE zero-ablated"),
-    ("ce_loss_recovered", "CE loss recovered"), ("kl_spliced", "KL(clean || SAE)"), ("kl_ablated", "KL(clean || ablated)"),
-    ("decoder_mean_max_cos", "decoder mean max |cos|"), ("code_sim_positive", "code cos, positive pairs"),
-    ("code_sim_negative", "code cos, other sequences"), ("tokens", "held-out tokens"), ("ce_tokens", "CE tokens"),
+    ("ce_loss_recovered", "CE loss recovered"), ("delta_ce", "delta CE (nats)"), ("kl_spliced", "KL(clean || SAE)"),
+    ("kl_ablated", "KL(clean || ablated)"), ("decoder_mean_max_cos", "decoder mean max |cos|"),
+    ("nce", "InfoNCE (held out)"), ("nce_chance", "InfoNCE at chance"),
+    ("code_sim_positive", "code cos, positive pairs"), ("code_sim_negative", "code cos, other sequences"),
+    ("tokens", "held-out tokens"), ("ce_tokens", "CE tokens"),
     ("train_steps", "training steps"), ("train_tokens", "training tokens"), ("train_tokens_per_s", "training tokens/s"),
 ]
 

@@ -17,7 +17,8 @@ class ActivationBatch:
     anchors: torch.Tensor
     """[B, d] residual-stream activations of the anchor tokens."""
     partners: torch.Tensor
-    """[B, d] activations of each anchor's partner: the token of the same sequence it attends to most."""
+    """[B, d] activations of each anchor's positive partner: a token of the same sequence chosen by the data's
+    pairing rule (csc.activations.pairing)."""
     seq_id: torch.Tensor
     """[B] int64 global id of the context (sequence) each anchor comes from."""
     position: torch.Tensor

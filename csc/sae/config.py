@@ -61,11 +61,25 @@ class TrainerConfig(BaseModel):
     """Clip the global gradient norm to this value."""
 
     alpha: float = Field(default=1.0, ge=0)
-    """Weight of the reconstruction (MSE) term."""
+    """Weight of the reconstruction term (MSE per dimension, csc.sae.losses)."""
 
     beta: float = Field(default=0.04, ge=0)
-    """Weight of the architecture's sparsity penalty (the paper's lambda): the L1 of the codes for relu, the
-    L0 for jumprelu. topk and batchtopk get their sparsity from k and have no penalty: beta does not act there."""
+    """Weight of the architecture's sparsity penalty (the paper's lambda): the L1 of the codes in units of the
+    input's norm for relu, the L0 for jumprelu (csc.sae.losses). With trainer.target_l0 it is the starting
+    value. topk and batchtopk get their sparsity from k and have no penalty: beta does not act there."""
+
+    target_l0: float | None = Field(default=None, gt=0)
+    """Steer beta so that the training L0 settles at this value (csc.sae.weighting.L0Controller): SAEs of a
+    sweep are then compared at matched sparsity whatever else they change. relu and jumprelu only (topk and
+    batchtopk: set sae.k)."""
+
+    target_l0_rate: float = Field(default=0.02, gt=0)
+    """Step of the controller: ln(beta) moves by rate * (ln(L0 + 1) - ln(target_l0 + 1)) per step."""
+
+    init_l0: float | None = Field(default=None, gt=0)
+    """L0 the SAE starts at (relu: b_enc, jumprelu: thresholds, set from the first batch; see
+    SparseAutoencoder.init_from_data). Default: target_l0 when set, else 64 (at most an eighth of the
+    dictionary); topk and batchtopk start at k."""
 
     gamma: float = Field(default=0.1, ge=0)
     """Weight of the InfoNCE term; 0 trains exactly the plain SAE (the term is never computed)."""
@@ -76,6 +90,10 @@ class TrainerConfig(BaseModel):
     hard_negatives: int = Field(default=0, ge=0)
     """Keep only the m most similar other-sequence negatives per anchor; 0 keeps all of them."""
 
+    nce_latents: float = Field(default=1.0, gt=0, le=1)
+    """Share of the latents InfoNCE sees: the first round(nce_latents * dict_size); the others learn from
+    reconstruction and sparsity only (Temporal SAEs contrast 20% "high-level" latents)."""
+
     beta_warmup_steps: int | None = Field(default=None, ge=0)
     """Steps over which beta rises linearly from 0 to its value (0: no warm-up). Default: a tenth of `steps`."""
 
@@ -83,23 +101,19 @@ class TrainerConfig(BaseModel):
     """Steps over which gamma rises linearly from 0 to its value (0: no warm-up). Default: a tenth of `steps`."""
 
     balance: bool = False
-    """Rebalance gamma so that the InfoNCE gradient on the codes keeps `balance_ratio` times the
-    MSE gradient's norm (see csc.sae.weighting)."""
+    """Set the InfoNCE weight each step so that InfoNCE's share of the gradient on the anchors'
+    pre-activations is `balance_share` (csc.sae.weighting.GradientBalance); gamma is the weight before the
+    first measurement."""
 
-    balance_ratio: float = Field(default=0.1, gt=0)
-    """Target of ||grad_z gamma*L_c|| / ||grad_z alpha*L_mse|| when `balance` is on."""
+    balance_share: float = Field(default=0.25, gt=0, lt=1)
+    """Target of ||grad gamma*L_nce|| / (||grad gamma*L_nce|| + ||grad alpha*L_mse||) when `balance` is on."""
 
     balance_ema: float = Field(default=0.99, ge=0, lt=1)
     """Decay of the moving averages of the two gradient norms."""
 
-    balance_min: float = Field(default=0.1, gt=0)
-    """Lower clamp of the balanced gamma, as a multiple of `gamma`."""
-
-    balance_max: float = Field(default=10.0, gt=0)
-    """Upper clamp of the balanced gamma, as a multiple of `gamma`."""
-
-    init_b_dec: bool = True
-    """At step 0, set b_dec to the mean of the first batch's anchors."""
+    data_init: bool = True
+    """At step 0, start from the first batch (SparseAutoencoder.init_from_data): b_dec at its mean, the
+    sparsity at init_l0 and the codes at a least-squares scale. False keeps the random start (b_dec = 0)."""
 
     revival: Literal["none", "auxk"] = "none"
     """Dead-latent revival: "auxk" adds the AuxK loss of Gao et al. (topk and batchtopk only)."""
@@ -127,14 +141,20 @@ class TrainerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "TrainerConfig":
-        if self.balance_min > self.balance_max:
-            raise ValueError("balance_min must not exceed balance_max")
         for name in WARMUPS:
             value = getattr(self, name)
             if value is not None and value > self.steps:
                 raise ValueError(f"trainer.{name} ({value}) exceeds trainer.steps ({self.steps}): that warm-up "
                                  f"would never finish; shorten it or train longer")
         return self
+
+    def nce_latent_count(self, dict_size: int) -> int:
+        """How many latents (the first ones) InfoNCE sees: round(nce_latents * dict_size), at least 1."""
+        return max(1, round(self.nce_latents * dict_size))
+
+    def start_l0(self, dict_size: int) -> float:
+        """The L0 a relu or jumprelu SAE starts at (init_l0, else target_l0, else min(64, dict_size / 8))."""
+        return self.init_l0 or self.target_l0 or min(64.0, dict_size / 8)
 
     def warmup(self, name: str) -> int:
         """The warm-up `name` (one of WARMUPS) in force: its value, or a tenth of `steps` when unset."""

@@ -5,25 +5,21 @@ b_dec [d_in] and the architecture's tensors (threshold [d_sae] for jumprelu and 
 dict in SAELens's pre-6.0 layout, which SAELens 6 reads (it converts configs without `sae_lens_version`).
 
 An export reads and reconstructs RAW activations of the hooked layer, in SAELens exactly as in csc. csc
-trains on s * x_raw (s = the dataset's normalisation scale), so the scale is folded into the weights, as
-SAELens's fold_activation_norm_scaling_factor does: W_dec / s, b_dec / s, and W_enc * s without the
-pre-encoder LayerNorm. With it, W_enc is left alone (LN is scale-invariant) and LN's epsilon becomes
-eps / s^2, which makes LN(x_raw - b_dec / s) equal csc's LN(s * x_raw - b_dec). Pre-activations, and so
-thresholds and codes, are unchanged. `load_sae` unfolds, giving csc's SAE on scaled activations (equal to
-the trained one up to float rounding).
+trains on s * x_raw (s = the dataset's normalisation scale). Without the LayerNorm the scale is folded into
+the weights, as SAELens's fold_activation_norm_scaling_factor does: W_enc * s, W_dec / s, b_dec / s. With it
+nothing is folded: the LayerNorm (SAELens's `normalize_activations: layer_norm`, the same formula) removes the
+scale on the way in and restores the token's own on the way out; only its epsilon, 1e-5 in both, then sits
+on raw rather than scaled units (a relative change of ~1e-5 / sigma). Pre-activations, and so thresholds and
+codes, are unchanged. `load_sae` unfolds, giving csc's SAE on scaled activations (equal to the trained one up
+to float rounding).
 
 cfg.json key            <- csc
   architecture          the SAELens inference architecture computing the same codes: "standard" (relu),
-                        "topk", "jumprelu" (jumprelu, and batchtopk with every threshold at its global one);
-                        with the pre-encoder LayerNorm "csc_layernorm_<that>", which plain SAELens refuses to
-                        load (unknown architecture) and `import csc.interop.saelens` registers, so no reader
-                        ever computes something else
+                        "topk", "jumprelu" (jumprelu, and batchtopk with every threshold at its global one)
   d_in, d_sae           SaeConfig.d_in, SaeConfig.dict_size
-  activation_fn_str     "relu" | "topk";  k (topk only), and activation_fn_kwargs {"k": k} without LayerNorm
-                        (SAELens reads a pre-6.0 config with it as its plain "topk", whatever the architecture)
-  apply_b_dec_to_input  true: csc encodes x - b_dec
-  normalize_activations "none": the scale is folded in
-  csc_ln_eps            the LayerNorm epsilon in raw units (LayerNorm exports only)
+  activation_fn_str     "relu" | "topk";  k and activation_fn_kwargs {"k": k} (topk only)
+  apply_b_dec_to_input  true: csc encodes n - b_dec
+  normalize_activations "layer_norm" with the pre-encoder LayerNorm, else "none" (the scale is folded in)
   dtype "float32", device "cpu", model_name, hook_name (e.g. "blocks.19.hook_resid_post"), hook_layer,
   hook_head_index null, context_size, prepend_bos, dataset_path, dataset_trust_remote_code,
   finetuning_scaling_factor false, sae_lens_training_version null, neuronpedia_id null,
@@ -47,11 +43,10 @@ from safetensors.torch import load_file, save_file
 from csc.errors import CacheError
 from csc.sae.archs import sae_class
 from csc.sae.config import parse_sae_config
-from csc.sae.model import LN_EPS, SparseAutoencoder
+from csc.sae.model import SparseAutoencoder
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
-LAYERNORM_PREFIX = "csc_layernorm_"
 
 
 @dataclass(frozen=True)
@@ -70,11 +65,6 @@ class HookInfo:
         return f"blocks.{self.hook_layer}.hook_resid_post"
 
 
-def saelens_architecture(sae: SparseAutoencoder) -> str:
-    name = type(sae).saelens_architecture
-    return LAYERNORM_PREFIX + name if sae.cfg.layer_norm else name
-
-
 def save_sae(sae: SparseAutoencoder, path: str | Path, hook: HookInfo) -> dict[str, Any]:
     """Write `sae` (trained on activations scaled by hook.norm_scale) to `path`; returns the cfg.json dict.
     Files are written under temporary names and renamed, so a reader never sees half an export."""
@@ -82,20 +72,19 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, hook: HookInfo) -> dict[s
     weights = sae.saelens_tensors({k: v.detach().float().cpu().clone() for k, v in sae.state_dict().items()})
     if not cfg.layer_norm:
         weights["W_enc"] *= s
-    weights["W_dec"] /= s
-    weights["b_dec"] /= s
+        weights["W_dec"] /= s
+        weights["b_dec"] /= s
     fields = sae.saelens_fields()
     meta: dict[str, Any] = {
-        "architecture": saelens_architecture(sae),
+        "architecture": type(sae).saelens_architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.dict_size,
         "activation_fn_str": "topk" if "k" in fields else "relu",
-        # SAELens turns any pre-6.0 config with activation_fn_kwargs.k into its plain "topk": not a LayerNorm one.
-        "activation_fn_kwargs": {"k": fields["k"]} if "k" in fields and not cfg.layer_norm else {},
+        "activation_fn_kwargs": {"k": fields["k"]} if "k" in fields else {},
         **fields,
         "apply_b_dec_to_input": True,
         "finetuning_scaling_factor": False,
-        "normalize_activations": "none",
+        "normalize_activations": "layer_norm" if cfg.layer_norm else "none",
         "dtype": "float32",
         "device": "cpu",
         "model_name": hook.model_name,
@@ -112,8 +101,6 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, hook: HookInfo) -> dict[s
         "csc_sae_config": cfg.model_dump(),
         "csc_norm_scale": s,
     }
-    if cfg.layer_norm:
-        meta["csc_ln_eps"] = LN_EPS / s**2
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path / (WEIGHTS_FILE + ".tmp")))
@@ -142,9 +129,12 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder, 
     s = float(meta["csc_norm_scale"])
     cls = sae_class(cfg.architecture)
     tensors = dict(cls.from_saelens(load_file(str(path / WEIGHTS_FILE))))
+    if meta.get("normalize_activations") != ("layer_norm" if cfg.layer_norm else "none"):
+        raise CacheError(f"{path / CFG_FILE}: normalize_activations {meta.get('normalize_activations')!r} does not "
+                         f"match the SAE's layer_norm {cfg.layer_norm} (an export of an older csc: retrain it)")
     if not cfg.layer_norm:
         tensors["W_enc"] = tensors["W_enc"] / s
-    tensors["W_dec"] = tensors["W_dec"] * s
-    tensors["b_dec"] = tensors["b_dec"] * s
+        tensors["W_dec"] = tensors["W_dec"] * s
+        tensors["b_dec"] = tensors["b_dec"] * s
     sae = cls(cfg, device=device).load_tensors(tensors, str(path))
     return sae.eval(), meta

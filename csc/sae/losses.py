@@ -2,11 +2,18 @@
 from the step's forward output; the trainer sums weight * value over `build_terms`. Conventions match
 csc.sae.metrics:
 
-    mse        mean_i sum_d (x_id - x_hat_id)^2                          weight alpha
-    l1         mean_i sum_j |z_ij|               (relu)                 weight beta (warm-up)
-    l0_penalty mean_i sum_j H(pre_ij - theta_j)  (jumprelu)             weight beta (warm-up)
+    mse        mean_{i,d} (x_id - x_hat_id)^2                            weight alpha
+    l1         mean_i sum_j |z_ij| / sqrt(d)     (relu)                 weight beta (warm-up, target L0)
+    l0_penalty mean_i sum_j H(pre_ij - theta_j)  (jumprelu)             weight beta (warm-up, target L0)
     nce        InfoNCE over codes, see info_nce_loss                     weight gamma (warm-up, balance)
     auxk       AuxK of Gao et al., see auxk_loss (trainer.revival auxk)  weight auxk_coef
+
+Scales. Activations are normalised to norm ~sqrt(d), so mse (per dimension) is ~1 for a reconstruction by
+zero and l1 (in units of the input's norm) grows like sqrt(L0), so beta's useful range should not depend on
+d (the paper's 0.04 gives L0 ~70 on the embedded model, bench/README.md section 7), and InfoNCE (O(1),
+chance ln B) is on the reconstruction's scale: at gamma 0.1 it has about half of the encoder's gradient from
+the anchors. Summing mse over d instead gave it 0.1% (59-2000x less gradient on W_enc than the
+reconstruction's), and the contrastive term did nothing.
 
 The sparsity term is the architecture's own (SparseAutoencoder.sparsity_loss). Adding a term: a class here,
 its name in TERM_NAMES and a line in build_terms.
@@ -24,7 +31,7 @@ from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
 from csc.sae.metrics import mse, unit_codes
 from csc.sae.model import ForwardOutput, SparseAutoencoder
-from csc.sae.weighting import GradientBalance, ramp
+from csc.sae.weighting import GradientBalance, L0Controller, ramp
 
 NEG_INF = float("-inf")
 
@@ -110,6 +117,9 @@ class LossTerm:
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def after_step(self, step: int, out: ForwardOutput) -> None:
+        """Update the weight schedule's state from step `step`'s forward output (nothing by default)."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -131,40 +141,56 @@ class Reconstruction(LossTerm):
 
 
 class Sparsity(LossTerm):
-    """The architecture's sparsity penalty (its name: the architecture's `sparsity_term`)."""
+    """The architecture's sparsity penalty (its name: the architecture's `sparsity_term`). beta warms up; with
+    trainer.target_l0 it then follows csc.sae.weighting.L0Controller."""
 
     weight_name = "beta"
 
     def __init__(self, name: str, cfg: TrainerConfig):
         self.name = name
         self.beta, self.warmup = cfg.beta, cfg.warmup("beta_warmup_steps")
+        self.control = L0Controller(cfg.target_l0, cfg.target_l0_rate) if cfg.target_l0 is not None else None
 
     def weight(self, step: int) -> float:
-        return self.beta * ramp(step, self.warmup)
+        scale = 1.0 if self.control is None else self.control.multiplier
+        return self.beta * scale * ramp(step, self.warmup)
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         return inputs.model.sparsity_loss(inputs.out)
 
+    def after_step(self, step: int, out: ForwardOutput) -> None:
+        if self.control is not None and step >= self.warmup:  # during the warm-up beta is not yet what acts
+            self.control.observe(float((out.z != 0).sum(dim=-1).float().mean()))
+
+    def state_dict(self) -> dict:
+        return self.control.state_dict() if self.control is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.control is not None:
+            self.control.load_state_dict(state)
+
 
 class InfoNCE(LossTerm):
-    """gamma * info_nce_loss over anchor codes and their partners' codes; gamma warms up and, with
-    trainer.balance, follows csc.sae.weighting.GradientBalance against the reconstruction term."""
+    """gamma * info_nce_loss over the codes of anchors and partners, restricted to the first
+    round(nce_latents * dict_size) latents (Temporal SAEs' "high-level" share; all of them by default); gamma
+    warms up and, with trainer.balance, follows csc.sae.weighting.GradientBalance."""
 
     name, weight_name, optional = "nce", "gamma", True
 
-    def __init__(self, cfg: TrainerConfig):
+    def __init__(self, cfg: TrainerConfig, dict_size: int):
         self.cfg = cfg
+        self.latents = cfg.nce_latent_count(dict_size)
         self.warmup = cfg.warmup("gamma_warmup_steps")
-        self.balance = GradientBalance(cfg.balance_ratio, cfg.balance_ema, cfg.balance_min,
-                                       cfg.balance_max) if cfg.balance else None
+        self.balance = GradientBalance(cfg.balance_share, cfg.balance_ema) if cfg.balance else None
 
     def weight(self, step: int) -> float:
         g = self.cfg.gamma if self.balance is None else self.balance.weight(self.cfg.gamma)
         return g * ramp(step, self.warmup)
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        m = self.latents
         z_partner = inputs.encode(inputs.batch.partners.float())
-        return info_nce_loss(inputs.out.z, z_partner, inputs.batch.seq_id, self.cfg.temperature,
+        return info_nce_loss(inputs.out.z[:, :m], z_partner[:, :m], inputs.batch.seq_id, self.cfg.temperature,
                              self.cfg.hard_negatives)
 
     def state_dict(self) -> dict:
@@ -206,7 +232,7 @@ def build_terms(model: SparseAutoencoder, cfg: TrainerConfig) -> list[LossTerm]:
     if model.sparsity_term is not None:
         terms.append(Sparsity(model.sparsity_term, cfg))
     if cfg.gamma > 0:
-        terms.append(InfoNCE(cfg))
+        terms.append(InfoNCE(cfg, model.cfg.dict_size))
     if cfg.revival == "auxk":
         terms.append(AuxK(cfg))
     return terms

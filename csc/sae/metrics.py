@@ -1,8 +1,11 @@
 """Every measurement formula of csc, on tensors. Tokens are rows: x, x_hat [N, d]; codes z [N, dict].
 
 Conventions (also used by the training losses):
-- mse = mean over tokens of sum over features of (x - x_hat)^2.
-- l1  = mean over tokens of sum over latents of |z|;  l0 = mean over tokens of #(z != 0).
+- mse = mean over tokens and features of (x - x_hat)^2 (per dimension: on activations normalised to
+  norm sqrt(d) it is ~1 for a reconstruction by zero, whatever d is).
+- l1  = mean over tokens of sum over latents of |z|, divided by sqrt(d_in): the L1 of the codes in units
+  of the input's norm (codes of unit-norm decoder rows are on the scale of x, whose norm is ~sqrt(d)).
+- l0  = mean over tokens of #(z != 0).
 - explained variance is centred: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, mean over tokens
   per feature, so predicting the mean scores 0 and perfect reconstruction 1.
 - normalised mse = sum ||x - x_hat||^2 / sum ||x||^2 (relative to predicting zero).
@@ -19,11 +22,11 @@ COS_EPS = 1e-8
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    return (x - x_hat).pow(2).sum(dim=-1).mean()
+    return (x - x_hat).pow(2).mean()
 
 
-def l1(z: torch.Tensor) -> torch.Tensor:
-    return z.abs().sum(dim=-1).mean()
+def l1(z: torch.Tensor, d_in: int) -> torch.Tensor:
+    return z.abs().sum(dim=-1).mean() / d_in ** 0.5
 
 
 def l0(z: torch.Tensor) -> torch.Tensor:
@@ -184,10 +187,10 @@ class StreamingStats:
             raise CscError("no tokens were evaluated")
         return {
             "tokens": float(self.n),
-            "mse": self.sse / self.n,
+            "mse": self.sse / (self.n * self.mean.numel()),
             "explained_variance": 1 - self.sse / self.m2.sum().item(),
             "normalized_mse": self.sse / self.sum_sq,
             "l0": self.sum_l0 / self.n,
-            "l1": self.sum_l1 / self.n,
+            "l1": self.sum_l1 / self.n / self.mean.numel() ** 0.5,
             "dead_fraction": dead_fraction(self.fire_counts),
         }

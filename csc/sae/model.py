@@ -1,22 +1,26 @@
 """What every SAE architecture shares: its base config, its typed forward output and its weights.
 
-Forward pass of every architecture, with u = x - b_dec:
+Forward pass of every architecture. Without the LayerNorm (cfg.layer_norm false), n = x; with it, n is x
+normalised per token, and the output is put back on x's scale:
 
-    pre   = LN(u) @ W_enc + b_enc          (LN only when cfg.layer_norm; plain u otherwise)
-    z     = activate(pre)                  (the architecture's nonlinearity: csc/sae/archs/)
-    x_hat = z @ W_dec + b_dec
+    n     = (x - mu) / (sigma + eps)           mu, sigma: mean and standard deviation (unbiased) of x's
+                                               features; eps = LN_EPS. SAELens's `layer_norm` normalisation.
+    pre   = (n - b_dec) @ W_enc + b_enc
+    z     = activate(pre)                      (the architecture's nonlinearity: csc/sae/archs/)
+    x_hat = (z @ W_dec + b_dec) * sigma + mu   (without the LayerNorm: z @ W_dec + b_dec)
 
-LN is a LayerNorm with no affine parameters, (u - mean(u)) / sqrt(var(u) + 1e-5) over the d_in
-features: the affine scale and shift would be redundant with W_enc and b_enc. Subtracting b_dec
-first (SAELens's apply_b_dec_to_input) lets b_dec, initialised at the data mean, centre the data.
-Rows of W_dec have unit norm; ConstrainedAdam keeps them there.
+The LayerNorm is the paper's pre-encoder normalisation (codes do not depend on the token's norm); restoring
+sigma and mu on the output lets the reconstruction follow the token's norm, which a decoder of LN'd inputs
+cannot (bench/README.md, section 3). It is exactly SAELens's `normalize_activations: layer_norm`, so exports
+load there as SAELens's own classes. Subtracting b_dec first (SAELens's apply_b_dec_to_input) lets b_dec,
+initialised at the data mean, centre the data. Rows of W_dec have unit norm; ConstrainedAdam keeps them there.
 
 An architecture is a subclass registered in csc/sae/archs/__init__.py: it sets `config_class`, its
 `activate`, optionally a sparsity penalty (`sparsity_loss`, weighted by the trainer's beta), extra
-weights (`init_extra`), a state update after each optimiser step (`after_step`) and how it maps onto
-SAELens's inference architectures (`saelens_architecture`, `saelens_fields`, `saelens_tensors`).
-Everything else (construction, checkpoints, export, loading) works on `state_dict()` and needs nothing
-from the architecture.
+weights (`init_extra`), how it starts at a given L0 (`init_sparsity`), a state update after each optimiser
+step (`after_step`) and how it maps onto SAELens's inference architectures (`saelens_architecture`,
+`saelens_fields`, `saelens_tensors`). Everything else (construction, checkpoints, export and loading)
+works on `state_dict()` and needs nothing from the architecture.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -49,7 +52,8 @@ class BaseSaeConfig(BaseModel):
     """Number of latents (dictionary atoms)."""
 
     layer_norm: bool = True
-    """Apply a LayerNorm without affine parameters to the encoder input, as in the paper."""
+    """Normalise each token (mean 0, standard deviation 1 over its features) before the encoder, as in the
+    paper, and restore its mean and standard deviation on the reconstruction (SAELens's `layer_norm`)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class ForwardOutput:
     x: torch.Tensor
     """[B, d_in] the input."""
     pre: torch.Tensor
-    """[B, dict_size] pre-activations, LN(x - b_dec) @ W_enc + b_enc."""
+    """[B, dict_size] pre-activations, (n - b_dec) @ W_enc + b_enc."""
     z: torch.Tensor
     """[B, dict_size] codes."""
     x_hat: torch.Tensor
@@ -103,6 +107,18 @@ class SparseAutoencoder(nn.Module):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def init_sparsity(self, cutoff: float) -> None:
+        """Start sparse: `cutoff` is the pre-activation (with b_enc = 0) that the intended share of codes
+        exceeds. ReLU shifts b_enc, JumpReLU sets its threshold; TopK-like codes need nothing (k decides)."""
+
+    @torch.no_grad()
+    def scale_encoder(self, c: float) -> None:
+        """Multiply every code by c > 0 without changing which latents fire: W_enc, b_enc and any threshold
+        on the pre-activations scale by c (every activation function here is positively homogeneous)."""
+        self.W_enc.mul_(c)
+        self.b_enc.mul_(c)
+
     def sparsity_loss(self, out: ForwardOutput) -> torch.Tensor:
         """The penalty named `sparsity_term`, mean over tokens."""
         raise NotImplementedError
@@ -139,26 +155,67 @@ class SparseAutoencoder(nn.Module):
                 )
 
     @torch.no_grad()
-    def init_b_dec(self, sample: torch.Tensor) -> None:
-        """Set b_dec to the mean of a [N, d_in] sample of training activations."""
-        self.b_dec.copy_(sample.float().mean(dim=0).to(self.b_dec))
+    def init_from_data(self, sample: torch.Tensor, l0: float | None) -> None:
+        """Data-dependent start on a [N, d_in] sample of training activations (the first batch):
+
+        1. b_dec = the mean of the (normalised) sample, so the encoder reads centred data;
+        2. with `l0` given, the architecture's sparsity starts at L0 ~ l0 (`init_sparsity` at the
+           (1 - l0 / dict_size) quantile of the sample's pre-activations);
+        3. every code is scaled by the c > 0 that minimises ||(n - b_dec) - c * z @ W_dec||^2 on the sample,
+           so the first reconstruction is a least-squares fit along its own direction, never worse than b_dec.
+
+        With W_enc = W_dec^T and unit decoder rows, pre-activations of normalised tokens are ~N(0, 1): left
+        alone, half the dictionary fires at step 0 and the reconstruction overshoots (EV -18 measured at
+        dictionary 2048 on d 640).
+        """
+        n = self.normalise(sample.float())[0]
+        self.b_dec.copy_(n.mean(dim=0).to(self.b_dec))
+        if l0 is not None:
+            pre = (n - self.b_dec) @ self.W_enc
+            share = min(max(l0 / self.cfg.dict_size, 0.0), 1.0)
+            cutoff = torch.quantile(pre.flatten()[:1_000_000].float(), 1 - share).item()
+            self.init_sparsity(cutoff)
+        u = n - self.b_dec
+        r = self.activate(u @ self.W_enc + self.b_enc) @ self.W_dec
+        denom = r.pow(2).sum().item()
+        if denom > 0:
+            c = (u * r).sum().item() / denom
+            if c > 0:
+                self.scale_encoder(c)
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(n, mu, sigma): the encoder's input and the statistics the decoder restores (None without LN)."""
+        if not self.cfg.layer_norm:
+            return x, None, None
+        mu = x.mean(dim=-1, keepdim=True)
+        centred = x - mu
+        sigma = centred.std(dim=-1, keepdim=True)
+        return centred / (sigma + LN_EPS), mu, sigma
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        u = x - self.b_dec
-        if self.cfg.layer_norm:
-            u = F.layer_norm(u, (self.cfg.d_in,), eps=LN_EPS)
-        return u @ self.W_enc + self.b_enc
+        return (self.normalise(x)[0] - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activate(self.pre_activations(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction of codes z; with the LayerNorm it needs the input x whose mean and standard
+        deviation it restores."""
+        out = z @ self.W_dec + self.b_dec
+        if not self.cfg.layer_norm:
+            return out
+        if x is None:
+            raise CscError("decode(z) of an SAE with the LayerNorm needs the input x (its norm is restored)")
+        _, mu, sigma = self.normalise(x)
+        return out * sigma + mu
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
-        pre = self.pre_activations(x)
+        n, mu, sigma = self.normalise(x)
+        pre = (n - self.b_dec) @ self.W_enc + self.b_enc
         z = self.activate(pre)
-        return ForwardOutput(x=x, pre=pre, z=z, x_hat=self.decode(z))
+        out = z @ self.W_dec + self.b_dec
+        x_hat = out if mu is None else out * sigma + mu
+        return ForwardOutput(x=x, pre=pre, z=z, x_hat=x_hat)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> "SparseAutoencoder":
         """Copy exactly these tensors (names and shapes of `state_dict()`) into the SAE; returns it."""

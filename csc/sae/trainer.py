@@ -1,6 +1,7 @@
 """The one training loop: `Trainer.fit(batches, hooks)`, used by `csc train`, sweep trials and the benchmarks.
 
-Loss of step t: L = sum over the run's terms (csc.sae.losses.build_terms) of weight_t * value. A term marked
+Loss of step t: L = sum over the run's terms (csc.sae.losses.build_terms) of weight_t * value. Step 0 first
+starts the SAE from the first batch (SparseAutoencoder.init_from_data, trainer.data_init). A term marked
 optional (InfoNCE) is not computed at a step where its weight is 0, so gamma = 0 is exactly the plain SAE.
 The model stays in fp32; with bf16 autocast only the SAE's forward matmuls run in bf16, the losses are
 computed in fp32. After each optimiser step the architecture updates its own state (`after_step`).
@@ -31,8 +32,10 @@ from csc.sae.optim import ConstrainedAdam
 
 Metrics = dict[str, float]
 
-TRAINING_METRICS: tuple[str, ...] = ("loss", *TERM_NAMES, "l0", "ev", "dead_frac", "grad_norm")
-"""Per-step metrics, averaged in every report: the names a sweep may optimise or schedule on."""
+TRAINING_METRICS: tuple[str, ...] = ("loss", *TERM_NAMES, "l0", "ev", "dead_frac", "grad_norm", "nce_grad_share")
+"""Per-step metrics, averaged in every report: the names a sweep may optimise or schedule on. nce_grad_share
+(steps with InfoNCE only) is ||g_nce|| / (||g_nce|| + ||g_mse||), g the weighted terms' gradients on the
+anchors' pre-activations: what share of the encoder's push from the anchors the contrastive term has."""
 LAST_VALUE = ("step", "tokens", "lr")
 """Report keys that carry their value at the report's last step (and the terms' weights)."""
 
@@ -65,10 +68,14 @@ class Trainer:
     """Trains one SAE. Pass `model` to start from given weights (they are checked, not copied)."""
 
     def __init__(self, sae_cfg: BaseSaeConfig, cfg: TrainerConfig, *, model: SparseAutoencoder | None = None):
-        if cfg.revival == "auxk" and not sae_class(sae_cfg.architecture).supports_auxk:
+        cls = sae_class(sae_cfg.architecture)
+        if cfg.revival == "auxk" and not cls.supports_auxk:
             raise SpecError(f"trainer.revival 'auxk' needs an architecture with TopK codes (topk, batchtopk), "
                             f"not {sae_cfg.architecture!r}: its dead latents have no positive pre-activation "
                             f"for AuxK to train")
+        if cfg.target_l0 is not None and cls.sparsity_term is None:
+            raise SpecError(f"trainer.target_l0 steers the sparsity penalty, which {sae_cfg.architecture!r} does "
+                            f"not have: set sae.k instead")
         self.sae_cfg = sae_cfg
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -116,8 +123,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         batch = batch.to(self.device)
         x = batch.anchors.float()
-        if step == 0 and cfg.init_b_dec:
-            model.init_b_dec(x)
+        if step == 0 and cfg.data_init:
+            model.init_from_data(x, cfg.start_l0(model.cfg.dict_size))
         lr = lr_at(cfg, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -133,7 +140,7 @@ class Trainer:
         self._check_finite(step, terms)
 
         self.optimizer.zero_grad(set_to_none=True)
-        self._observe_gradients(out32, values, weights)
+        shares = self._observe_gradients(out32, values, weights)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
@@ -141,6 +148,8 @@ class Trainer:
                                   f"(loss terms were finite)")
         self.optimizer.step()
         model.after_step(out)
+        for t in self.terms:
+            t.after_step(step, out32)
 
         self.dead.update(out.z)
         self.step += 1
@@ -152,18 +161,22 @@ class Trainer:
                 self.dead.dead_fraction(), grad_norm.float()]).tolist()
         result: Metrics = {"step": float(self.step), "tokens": float(self.tokens), "lr": lr, **weights}
         result.update(zip(names + ["l0", "ev", "dead_frac", "grad_norm"], stacked))
+        result.update(shares)
         return result
 
     def _observe_gradients(self, out: ForwardOutput, values: dict[str, torch.Tensor],
-                           weights: dict[str, float]) -> None:
-        """Gradient balancing: a balanced term measures its gradient on the codes against the reconstruction's."""
-        for term in self.terms:
-            balance = getattr(term, "balance", None)
-            if balance is None or term.name not in values:
-                continue
-            g_rec = torch.autograd.grad(weights["alpha"] * values["mse"], out.z, retain_graph=True)[0]
-            g_term = torch.autograd.grad(values[term.name], out.z, retain_graph=True)[0]
-            balance.observe(g_rec.float().norm().item(), g_term.float().norm().item())
+                           weights: dict[str, float]) -> Metrics:
+        """InfoNCE's share of the gradient on the anchors' pre-activations (and its balancing, if on)."""
+        if "nce" not in values:
+            return {}
+        term = next(t for t in self.terms if t.name == "nce")
+        g_rec = torch.autograd.grad(weights["alpha"] * values["mse"], out.pre, retain_graph=True)[0].float().norm()
+        g_nce = torch.autograd.grad(values["nce"], out.pre, retain_graph=True)[0].float().norm()
+        rec, nce = g_rec.item(), g_nce.item()
+        if term.balance is not None:
+            term.balance.observe(rec, nce)
+        weighted = weights["gamma"] * nce
+        return {"nce_grad_share": weighted / max(weighted + rec, 1e-30)}
 
     @staticmethod
     def _check_finite(step: int, terms: dict[str, torch.Tensor]) -> None:

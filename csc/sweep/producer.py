@@ -34,7 +34,8 @@ def producer_name(sweep: str) -> str:
 
 
 def _shard_bytes(sh: Shard) -> int:
-    return sum(t.numel() * t.element_size() for t in (sh.acts, sh.partner, sh.tokens, sh.seq_id))
+    """What a shard holds in memory: activations, every pairing rule's partners, tokens and sequence ids."""
+    return sum(t.numel() * t.element_size() for t in (sh.acts, *sh.partners.values(), sh.tokens, sh.seq_id))
 
 
 class ActivationProducer:

@@ -22,7 +22,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-EVAL_SHOWN = ["eval/explained_variance", "eval/ce_loss_recovered"]
+CE_HEADLINE = ["eval/ce_loss_recovered", "eval/delta_ce", "eval/kl_spliced"]
+"""CE loss recovered with its scale beside it wherever it is shown: a ratio alone hides how much the SAE costs the
+LM ("0.89 recovered" can be +1.8 nats), delta CE (nats) and KL(clean || SAE) do not."""
+EVAL_SHOWN = ["eval/explained_variance", *CE_HEADLINE]
 OUTCOMES = {"finished": "tab:green", "stopped_early": "tab:orange", "failed": "tab:red", "running": "tab:blue"}
 GAMMA = "trainer.gamma"
 
@@ -57,9 +60,14 @@ def _spans_decade(values: list[float]) -> bool:
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
-    """Every metric any trial has, in order of first appearance: training figures, then the held-out ones (eval/)."""
+    """Every metric any trial has, in order of first appearance: training figures, then the held-out ones (eval/),
+    with the CE_HEADLINE figures together where the first of them appears."""
     keys = list(dict.fromkeys(k for r in rows for k in (r.get("metrics") or {})))
-    return [k for k in keys if not k.startswith("eval/")] + [k for k in keys if k.startswith("eval/")]
+    held_out = [k for k in keys if k.startswith("eval/")]
+    head = [k for k in CE_HEADLINE if k in held_out]
+    at = min((held_out.index(k) for k in head), default=0)
+    rest = [k for k in held_out if k not in head]
+    return [k for k in keys if not k.startswith("eval/")] + rest[:at] + head + rest[at:]
 
 
 def write_trials_table(rows: list[dict], path_csv: str | Path) -> None:
@@ -97,7 +105,8 @@ def _gamma_scale(rows: list[dict]) -> plt.cm.ScalarMappable | None:
 
 
 def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
-    """(a) L0 vs explained variance, (b) L0 vs CE loss recovered; front of the finished trials (low L0, high y)."""
+    """L0 vs (a) explained variance, (b) CE loss recovered, and its scale: (c) delta CE in nats, (d) KL(clean || SAE);
+    front of the finished trials (low L0; high y for (a), (b), low y for (c), (d))."""
 
     def colour(r: dict, default: str) -> Any:
         g = _num((r.get("params") or {}).get(GAMMA))
@@ -110,23 +119,26 @@ def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
     # Held-out figures for finished trials; stopped-early trials only have their last training-batch averages,
     # so they are drawn apart and kept out of the front.
     panels = [("(a) explained variance", xy("finished", "eval/l0", "eval/explained_variance"),
-               xy("stopped_early", "l0", "ev")),
-              ("(b) CE loss recovered", xy("finished", "eval/l0", "eval/ce_loss_recovered"), [])]
+               xy("stopped_early", "l0", "ev"), True),
+              ("(b) CE loss recovered", xy("finished", "eval/l0", "eval/ce_loss_recovered"), [], True),
+              ("(c) delta CE (nats)", xy("finished", "eval/l0", "eval/delta_ce"), [], False),
+              ("(d) KL(clean || SAE)", xy("finished", "eval/l0", "eval/kl_spliced"), [], False)]
     # Scaled on the trials drawn, so a failed trial's extreme gamma does not squeeze the colours.
-    sm = _gamma_scale([p[2] for _, fin, early in panels for p in fin + early])
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    for ax, (label, fin, early) in zip(axes, panels):
+    sm = _gamma_scale([p[2] for _, fin, early, _ in panels for p in fin + early])
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10), layout="constrained")
+    for ax, (label, fin, early, higher_better) in zip(axes.flat, panels):
         handles = []
         if fin:
             ax.scatter([p[0] for p in fin], [p[1] for p in fin], c=[colour(p[2], "tab:green") for p in fin],
                        edgecolors="k", linewidths=0.5, s=45, zorder=3)
-            front = [fin[i] for i in pareto_front([(x, y) for x, y, _ in fin])]
+            front = [fin[i] for i in pareto_front([(x, y) for x, y, _ in fin], maximize_y=higher_better)]
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, zorder=2)
             handles += [Line2D([], [], ls="", marker="o", mfc=colour({}, "tab:green"), mec="k",
                                label="finished (held-out eval)"),
                         Line2D([], [], color="k", lw=1, label="Pareto front (finished)")]
         else:
-            ax.text(0.5, 0.95, "no finished trial", transform=ax.transAxes, ha="center", va="top", color="0.4")
+            ax.text(0.5, 0.95, "no finished trial reports it", transform=ax.transAxes, ha="center", va="top",
+                    color="0.4")
         if early:
             ax.scatter([p[0] for p in early], [p[1] for p in early], marker="s", s=45, linewidths=1.3, zorder=3,
                        facecolors="none", edgecolors=[colour(p[2], "tab:orange") for p in early])
@@ -209,7 +221,8 @@ def best_trials(rows: list[dict], objectives: list[tuple[str, str]], n: int = 5)
 
 
 def format_best(rows_best: list[dict], objectives: list[tuple[str, str]], params: list[str]) -> str:
-    """Fixed-width table: trial, outcome, steps done/total, params, objectives, held-out EV and CE recovered."""
+    """Fixed-width table: trial, outcome, steps done/total, params, objectives, held-out EV and CE recovered with
+    delta CE and KL (EVAL_SHOWN)."""
     keys = [k for k, _ in objectives]
     extra = [k for k in EVAL_SHOWN if k not in keys and any(k in (r.get("metrics") or {}) for r in rows_best)]
 

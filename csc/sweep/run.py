@@ -61,14 +61,15 @@ def _searcher(spec: SweepSpec):
         else:
             space[key] = FloatDistribution(p.low, p.high, log=p.type == "loguniform")
     objectives = spec.sweep.objectives
-    n = spec.sweep.num_samples
+    n = spec.n_trials
     sampler = optuna.samplers.TPESampler(seed=spec.sweep.seed, n_startup_trials=min(10, max(2, n // 2)))
     if len(objectives) == 1:
         metric, mode = objectives[0].metric, objectives[0].mode
     else:
         metric, mode = [o.metric for o in objectives], [o.mode for o in objectives]
-    return OptunaSearch(space, metric=metric, mode=mode, sampler=sampler,
-                        points_to_evaluate=[dict(p) for p in spec.sweep.points_to_evaluate] or None)
+    # A grid is Optuna evaluating every point of it first, one trial each: the same machinery (and resume).
+    points = spec.grid() if spec.sweep.method == "grid" else [dict(p) for p in spec.sweep.points_to_evaluate]
+    return OptunaSearch(space, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
 
 
 def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dict[str, str],
@@ -108,7 +109,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=scheduler(spec, sweep_dir),
-                                        num_samples=spec.sweep.num_samples,
+                                        num_samples=spec.n_trials,
                                         max_concurrent_trials=spec.sweep.max_concurrent,
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir.parent), callbacks=[records],
@@ -177,7 +178,7 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
 
     stats = ray.get(producer.stats.remote())
     rows = json.loads((sweep_dir / TRIALS_FILE).read_text()) if (sweep_dir / TRIALS_FILE).is_file() else []
-    interrupted = len(rows) < spec.sweep.num_samples or any(r["outcome"] == "running" for r in rows)
+    interrupted = len(rows) < spec.n_trials or any(r["outcome"] == "running" for r in rows)
     state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "producer": stats,
                                       "interrupted": interrupted}, indent=1))
     if tracker is not None:
@@ -202,7 +203,7 @@ def sweep_summary(sweep_dir: Path) -> str:
     rows = json.loads(rows_path.read_text()) if rows_path.is_file() else []
     spec = SweepSpec.model_validate(state["spec"])
     counts = {o: sum(r["outcome"] == o for r in rows) for o in ("finished", "stopped_early", "failed", "running")}
-    lines = [f"sweep {sweep_dir.name!r}: {len(rows)} of {spec.sweep.num_samples} trials: "
+    lines = [f"sweep {sweep_dir.name!r}: {len(rows)} of {spec.n_trials} trials: "
              + ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in counts.items() if n)]
     if "producer" in state:
         st = state["producer"]

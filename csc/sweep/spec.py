@@ -1,12 +1,15 @@
 """The sweep spec: a training spec (model, corpus, activations, sae, trainer, eval) plus a `sweep:` section.
 
-Every searched value is a field of `sae` or `trainer`, named by its dotted path ("trainer.beta"). The
-whole spec, including the ends of every search range and every point to evaluate, is validated here,
+Every searched value is a field of `sae` or `trainer`, named by its dotted path ("trainer.beta"), or
+`activations.pairing` (the positive-pair rule: every shard holds all rules' partners, so trials with different
+rules still share the base spec's producer and cache; no other activations field can be searched, since it
+would change the activations themselves). The whole spec, including the ends of every search range and every point to evaluate, is validated here,
 before Ray starts, so a typo never costs a cluster start-up.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from csc.config import Spec, TrainRunSpec
-from csc.sae.config import TrainerConfig
+from csc.sae.config import WARMUPS, TrainerConfig
 from csc.errors import SpecError
 from csc.sae.archs import ARCHITECTURES
 from csc.sae.trainer import TRAINING_METRICS
@@ -23,6 +26,10 @@ REPORT_METRICS = TRAINING_METRICS
 """What the reports of a trial carry (averages over the steps since the previous report; a term's metric only
 where the trial has that term); only these can drive the search and the scheduler, because a trial stopped
 early never reaches the held-out eval."""
+
+SEARCHABLE_ACTIVATIONS = ("activations.pairing",)
+"""The activations fields a sweep may search: they choose among what every shard holds, so one producer and one
+cache still serve every trial. Any other activations field would change the shards the trials share."""
 
 
 class SearchParam(Spec):
@@ -136,8 +143,11 @@ class SweepSection(Spec):
     name: str | None = Field(None, pattern=SAFE_NAME)
     """Sweep name: the output folder and the MLflow parent run. Default: the spec file's stem.
     Letters, digits, '.', '_' and '-', not starting with '.' or '-'."""
-    num_samples: int = Field(8, ge=1)
-    """Trials to run, including `points_to_evaluate`."""
+    method: Literal["optuna", "grid"] = "optuna"
+    """optuna: Optuna's TPE samples `search` (one or several objectives); grid: every combination of the
+    `search` choices runs once, in order (all must be `choice`; e.g. gamma x tau x pairing x trainer.seed)."""
+    num_samples: int | None = Field(None, ge=1)
+    """Trials to run, including `points_to_evaluate`. Default: 8 (optuna), the grid's size (grid)."""
     max_concurrent: int = Field(2, ge=1)
     """Trials running at the same time."""
     seed: int = 0
@@ -145,7 +155,8 @@ class SweepSection(Spec):
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="ev", mode="max")], min_length=1)
     """What Optuna optimises: one objective, or several (a Pareto search, e.g. ev max and l0 min)."""
     search: dict[str, SearchParam] = Field(default_factory=dict)
-    """Searched fields by dotted path, e.g. trainer.beta, trainer.gamma, trainer.temperature, sae.dict_size."""
+    """Searched fields by dotted path, e.g. trainer.beta, trainer.gamma, trainer.temperature, sae.dict_size,
+    activations.pairing."""
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     """Trials to run first with these exact values (each names every searched field), e.g. a baseline."""
     scheduler: AshaSpec | None = AshaSpec()
@@ -172,19 +183,49 @@ class SweepSpec(TrainRunSpec):
         for key, param in self.sweep.search.items():
             for value in param.ends():
                 _check_value(self, key, value, f"sweep.search.{key}")
+        if self.sweep.method == "grid":
+            ranged = [k for k, p in self.sweep.search.items() if p.type != "choice"]
+            if ranged or not self.sweep.search:
+                raise ValueError(f"sweep.method grid needs `choice` values for every searched field"
+                                 + (f" ({', '.join(ranged)} is a range)" if ranged else " (sweep.search is empty)"))
+            if self.sweep.points_to_evaluate:
+                raise ValueError("sweep.points_to_evaluate: a grid runs every point already; drop it or use optuna")
+            size = len(self.grid())
+            if self.sweep.num_samples not in (None, size):
+                raise ValueError(f"sweep.num_samples ({self.sweep.num_samples}) must be the grid's size, {size}, "
+                                 f"or unset")
         for n, point in enumerate(self.sweep.points_to_evaluate):
             if set(point) != set(self.sweep.search):
                 raise ValueError(f"sweep.points_to_evaluate[{n}] must give exactly the searched fields "
                                  f"{sorted(self.sweep.search)}, got {sorted(point)}")
             for key, value in point.items():
                 point[key] = _check_value(self, key, value, f"sweep.points_to_evaluate[{n}].{key}")
-        if len(self.sweep.points_to_evaluate) > self.sweep.num_samples:
+        if len(self.sweep.points_to_evaluate) > self.n_trials:
             raise ValueError("sweep.points_to_evaluate has more points than sweep.num_samples")
         asha = self.sweep.scheduler
         if asha is not None and asha.grace_period >= self.trainer.steps:
             raise ValueError(f"sweep.scheduler.grace_period ({asha.grace_period}) must be below trainer.steps "
                              f"({self.trainer.steps}), or no trial can be stopped early")
+        if asha is not None:
+            name, warm = max(((w, self.trainer.warmup(w)) for w in WARMUPS), key=lambda nw: nw[1])
+            if asha.grace_period <= warm:
+                raise ValueError(f"sweep.scheduler.grace_period ({asha.grace_period}) must come after the warm-ups "
+                                 f"(trainer.{name}: {warm} steps): the first rung would rank trials before their "
+                                 f"loss weights reach their values (a trial with a large gamma then looks frozen)")
         return self
+
+    @property
+    def n_trials(self) -> int:
+        """How many trials the sweep runs."""
+        if self.sweep.num_samples is not None:
+            return self.sweep.num_samples
+        return len(self.grid()) if self.sweep.method == "grid" else 8
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination of the searched choices, the last field varying fastest (method grid)."""
+        keys = list(self.sweep.search)
+        values = [[_check_value(self, k, v, f"sweep.search.{k}") for v in self.sweep.search[k].values] for k in keys]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
     def trial(self, params: dict[str, Any]) -> TrainRunSpec:
         """The training spec of one trial: the base with `params` (dotted paths) set."""
@@ -217,13 +258,15 @@ def _architectures(spec: SweepSpec) -> list[str]:
 def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
     """`value` as the field holds it (YAML reads 1.0e20 as a string; the field makes it a float)."""
     section, _, field = key.partition(".")
-    if section not in ("sae", "trainer") or not field or "." in field:
-        raise ValueError(f"{where}: searched fields are `sae.<field>` or `trainer.<field>`")
+    if (section not in ("sae", "trainer") or not field or "." in field) and key not in SEARCHABLE_ACTIVATIONS:
+        raise ValueError(f"{where}: searched fields are `sae.<field>`, `trainer.<field>` or "
+                         f"{', '.join(f'`{k}`' for k in SEARCHABLE_ACTIVATIONS)} (other activations fields would "
+                         f"change the activations all trials share)")
     params = {key: value}
     if section == "trainer":
         if field not in TrainerConfig.model_fields:
             raise ValueError(f"{where}: TrainerConfig has no searchable field {field!r}")
-    elif field != "architecture":
+    elif section == "sae" and field != "architecture":
         archs = [a for a in _architectures(spec) if a in ARCHITECTURES
                  and field in ARCHITECTURES[a].config_class.model_fields]
         if not archs or field == "d_in":

@@ -7,7 +7,8 @@ which Tune resumes a paused, retried or interrupted trial at the same batch. Aft
 on held-out tokens (CE/KL in the producer) and sends one final report with the held-out figures under `eval/`
 and a last checkpoint.
 All trials read the same batches in the same order (the base spec's trainer.seed), so they differ only
-by their hyperparameters.
+by their hyperparameters; a trial with its own `activations.pairing` reads the same anchors in the same
+order from the same shards, with its rule's partners.
 """
 
 from __future__ import annotations

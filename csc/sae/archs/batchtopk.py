@@ -40,6 +40,11 @@ class BatchTopKSAE(SparseAutoencoder):
         return torch.zeros_like(acts).scatter(-1, kept.indices, kept.values).reshape(pre.shape)
 
     @torch.no_grad()
+    def scale_encoder(self, c: float) -> None:
+        super().scale_encoder(c)
+        self.threshold.mul_(c)
+
+    @torch.no_grad()
     def after_step(self, out: ForwardOutput) -> None:
         z = out.z.detach().float()
         positive = z[z > 0]

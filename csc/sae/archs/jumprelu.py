@@ -56,7 +56,8 @@ class JumpReluConfig(BaseSaeConfig):
     bandwidth: float = Field(default=0.05, gt=0)
     """Width epsilon of the straight-through estimator's rectangle kernel, in pre-activation units."""
     threshold_init: float = Field(default=0.01, ge=0)
-    """Every latent's threshold at step 0."""
+    """Every latent's threshold at step 0, unless the trainer starts the SAE at a given L0 (trainer.init_l0),
+    which sets the thresholds from the data."""
 
 
 class JumpReluSAE(SparseAutoencoder):
@@ -74,6 +75,15 @@ class JumpReluSAE(SparseAutoencoder):
         """L0 = mean over tokens of sum_j H(pre_j - theta_j), with the straight-through gradient on theta."""
         pre = out.pre.float()
         return _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def init_sparsity(self, cutoff: float) -> None:
+        self.threshold.fill_(max(cutoff, 0.0))
+
+    @torch.no_grad()
+    def scale_encoder(self, c: float) -> None:
+        super().scale_encoder(c)
+        self.threshold.mul_(c)
 
     @torch.no_grad()
     def after_step(self, out: ForwardOutput) -> None:

@@ -21,5 +21,10 @@ class ReluSAE(SparseAutoencoder):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return F.relu(pre)
 
+    @torch.no_grad()
+    def init_sparsity(self, cutoff: float) -> None:
+        self.b_enc.fill_(-cutoff)
+
     def sparsity_loss(self, out: ForwardOutput) -> torch.Tensor:
-        return metrics.l1(out.z.float())
+        """L1 of the codes in units of the input's norm: mean_i sum_j |z_ij| / sqrt(d_in) (see csc.sae.losses)."""
+        return metrics.l1(out.z.float(), self.cfg.d_in)

@@ -1,1 +1,0 @@
-"""Optional bridges to other SAE libraries (each module needs its library installed)."""
