@@ -102,7 +102,7 @@ def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkey
 def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
     """SIGKILL of `csc sweep` (its whole process group: the driver and the local Ray it started), then
     `csc sweep --resume`: the sweep finishes into the same parent and child runs, none duplicated."""
-    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 2000, "log_every": 100}, checkpoint_every=200,
+    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 1000, "log_every": 50}, checkpoint_every=100,
                            num_samples=4, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -148,7 +148,7 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
     assert all(r.info.status == "FINISHED" for r in after.values())
     for run in after.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == list(range(100, 2001, 100)), f"{run.info.run_name}: every step once"
+        assert steps == list(range(50, 1001, 50)), f"{run.info.run_name}: every step once"
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
 
 
