@@ -161,12 +161,12 @@ class SparseAutoencoder(nn.Module):
         1. b_dec = the mean of the (normalised) sample, so the encoder reads centred data;
         2. with `l0` given, the architecture's sparsity starts at L0 ~ l0 (`init_sparsity` at the
            (1 - l0 / dict_size) quantile of the sample's pre-activations);
-        3. every code is scaled by the c > 0 that minimises ||(n - b_dec) - c * z @ W_dec||^2 on the sample,
-           so the first reconstruction is a least-squares fit along its own direction, never worse than b_dec.
+        3. every code is scaled by the c that minimises ||(n - b_dec) - c * z @ W_dec||^2 on the sample (when
+           c > 0), so the first reconstruction is the least-squares multiple of its own direction.
 
         With W_enc = W_dec^T and unit decoder rows, pre-activations of normalised tokens are ~N(0, 1): left
-        alone, half the dictionary fires at step 0 and the reconstruction overshoots (EV -18 measured at
-        dictionary 2048 on d 640).
+        alone, half the dictionary fires at step 0 and the reconstruction overshoots (L0 1024 of 2048, EV -0.73
+        on the quickstart's first batch; bench/README.md section 7).
         """
         n = self.normalise(sample.float())[0]
         self.b_dec.copy_(n.mean(dim=0).to(self.b_dec))
