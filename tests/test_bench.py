@@ -52,3 +52,25 @@ def test_quality_interpolates_in_log_l0():
     assert abs(interpolate(pts, 100.0, "ev") - 0.7) < 1e-12
     assert abs(interpolate(pts, 10 ** 1.5, "ev") - 0.6) < 1e-12  # halfway between 10 and 100 in log L0
     assert interpolate(pts, 5.0, "ev") is None and interpolate(pts, 2000.0, "ev") is None
+
+
+def test_contrastive_grid_table_pairs_each_trial_with_its_gamma_zero_twin(tmp_path):
+    import json
+
+    def row(gamma, pairing, seed, nce, ev, outcome="finished"):
+        return {"trial": f"t{gamma}{pairing}{seed}", "outcome": outcome,
+                "params": {"trainer.gamma": gamma, "activations.pairing": pairing, "trainer.seed": seed},
+                "metrics": {"eval/l0": 60.0, "eval/explained_variance": ev, "eval/delta_ce": 1.0, "eval/kl_spliced": 1.0,
+                            "eval/ce_loss_recovered": 0.9, "eval/nce": nce, "eval/nce_chance": 6.0,
+                            "eval/code_sim_positive": 0.1, "eval/code_sim_negative": 0.0}}
+
+    rows = [row(0.0, "previous", s, 6.0 - 0.01 * s, 0.5 + 0.01 * s) for s in range(3)]
+    rows += [row(0.1, "previous", s, 5.9 - 0.01 * s, 0.48 + 0.01 * s) for s in range(3)]
+    rows.append(row(0.1, "previous", 3, 1.0, 0.0, outcome="failed"))  # not finished: left out
+    (tmp_path / "trials.json").write_text(json.dumps(rows))
+    out = run("contrastive_grid.py", str(tmp_path))
+    diff = [line for line in out.splitlines() if line.startswith("| 0.1 | previous | 3 |")]
+    assert len(diff) == 2  # the cell table and the paired-difference table
+    cells = [c.strip() for c in diff[1].split("|")]
+    # paired differences are constant over seeds here: EV -0.020 +/- 0, nce -0.100 +/- 0
+    assert cells[5] == "-0.020 ± 0.000" and cells[9] == "-0.100 ± 0.000"
