@@ -3,8 +3,8 @@
 Every searched value is a field of `sae` or `trainer`, named by its dotted path ("trainer.beta"), or
 `activations.pairing` (the positive-pair rule: every shard holds all rules' partners, so trials with different
 rules still share the base spec's producer and cache; no other activations field can be searched, since it
-would change the activations themselves). The whole spec, including the ends of every search range and every point to evaluate, is validated here,
-before Ray starts, so a typo never costs a cluster start-up.
+would change the activations themselves). The whole spec, including the ends of every search range and every
+point to evaluate, is validated here, before Ray starts, so a typo never costs a cluster start-up.
 """
 
 from __future__ import annotations
