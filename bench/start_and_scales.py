@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from csc.activations.source import Activations
+from csc.activations.source import Activations, shard_batches
 from csc.config import TrainRunSpec, load_spec
-from csc.pipeline.run import training_stream
 from csc.pipeline.evaluate import reconstruction_scores
-from csc.activations.source import shard_batches
+from csc.pipeline.run import training_stream
 from csc.sae.archs import build_sae
 from csc.sae.trainer import Hook, Trainer
 

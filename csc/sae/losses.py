@@ -29,7 +29,7 @@ import torch
 from csc.sae.archs import ARCHITECTURES
 from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
-from csc.sae.metrics import mse, unit_codes
+from csc.sae.metrics import l0, mse, unit_codes
 from csc.sae.model import ForwardOutput, SparseAutoencoder
 from csc.sae.weighting import GradientBalance, L0Controller, ramp
 
@@ -160,7 +160,7 @@ class Sparsity(LossTerm):
 
     def after_step(self, step: int, out: ForwardOutput) -> None:
         if self.control is not None and step >= self.warmup:  # during the warm-up beta is not yet what acts
-            self.control.observe(float((out.z != 0).sum(dim=-1).float().mean()))
+            self.control.observe(l0(out.z).item())
 
     def state_dict(self) -> dict:
         return self.control.state_dict() if self.control is not None else {}
