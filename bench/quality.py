@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from csc.activations.source import Activations  # noqa: E402
 from csc.config import TrainRunSpec, load_spec  # noqa: E402
+from csc.pipeline.probing import held_out_labels  # noqa: E402
 from csc.pipeline.run import evaluate_run, training_stream  # noqa: E402
 from csc.sae.archs import build_sae  # noqa: E402
 from csc.sae.archs.relu import ReluConfig  # noqa: E402
@@ -157,6 +158,7 @@ def main() -> None:
     acts = Activations(spec)
     for split in ("train", "eval"):
         acts.build(split)
+    labels = held_out_labels(spec, acts)  # the same probing set for every SAE: made once
     runs: dict[str, list[tuple[str, object]]] = {
         f"csc contrastive (gamma {a.gamma:g}, tau {a.temperature:g})": [
             (f"target L0 {t:g}", lambda t=t: train_csc(spec, acts, "relu", target_l0=t, gamma=a.gamma,
@@ -189,7 +191,7 @@ def main() -> None:
             t0 = time.perf_counter()
             sae = train()
             seconds = time.perf_counter() - t0
-            scores, _ = evaluate_run(spec, sae, acts)
+            scores, _ = evaluate_run(spec, sae, acts, labels=labels)
             row = {"setting": setting, "train_s": seconds, **{k: scores[k] for k in METRICS}}
             results.setdefault(method, []).append(row)
             print(f"{method}, {setting}: EV {row['explained_variance']:.4f}, L0 {row['l0']:.1f}, "

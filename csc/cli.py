@@ -43,21 +43,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from csc.config import TrainRunSpec, load_spec
+    from csc.pipeline import dashboard
     from csc.pipeline.run import format_metrics, train_run
 
     spec = load_spec(TrainRunSpec, args.spec, args.overrides, ignore_sections=True)
     out = Path(args.out)
     results = train_run(spec, out, resume=args.resume)
     print(format_metrics(results))
-    print(f"SAE exported to {out / 'sae'} (SAELens layout); metrics in {out / 'eval.json'}")
+    print(f"SAE exported to {out / 'sae'} (SAELens layout); metrics in {out / 'eval.json'}; "
+          f"feature dashboard in {out / dashboard.FILE}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from csc.pipeline import dashboard
     from csc.pipeline.run import evaluate_saved, format_metrics
 
     print(format_metrics(evaluate_saved(Path(args.path))))
+    print(f"feature dashboard rewritten: {dashboard.FILE} in the run folder")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -106,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="reprint the held-out metrics of an SAE that `csc train` exported")
+    p = sub.add_parser("eval", help="reprint the held-out metrics of an SAE that `csc train` exported and rewrite "
+                                    "its feature dashboard")
     p.add_argument("path", help="run folder written by `csc train` (or its sae/ subfolder)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("sweep", help="run a Ray Tune sweep of SAEs sharing one activation producer, tracked in MLflow")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from csc.errors import SpecError
 from csc.sae.archs import ARCHITECTURES
@@ -65,6 +65,27 @@ class CorpusSpec(Spec):
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
     """Fraction of documents kept for evaluation: every round(1/f)-th document goes to the held-out split
     and never to training."""
+    label_field: str | None = None
+    """Column of a JSONL file or Hub dataset holding each document's class (any scalar; a missing or null value
+    leaves the document unlabelled): the sequence-level sparse-probing task (csc/activations/probe_labels.py)
+    asks which class the text of a held-out context comes from. Null: no such task, except on the embedded
+    corpus, whose documents are labelled by genre as the First Folio groups the plays (csc/activations/folio.py).
+    Not part of the activation cache key: the shards do not depend on it."""
+
+    @field_validator("label_field")
+    @classmethod
+    def _label_column_possible(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        source = info.data.get("source")
+        if source == EMBEDDED:
+            raise ValueError("the embedded corpus has no label columns (its held-out contexts are labelled by "
+                             "genre already); label_field names a column of a JSONL file or Hub dataset")
+        if source is not None and Path(source).suffix == ".txt":
+            raise ValueError(f"a .txt corpus ({source!r}) has no columns; use a JSONL file with a label column")
+        if v == info.data.get("text_field"):
+            raise ValueError(f"{v!r} is the text column (corpus.text_field); name the column of the labels")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -207,6 +228,25 @@ class EvalSpec(Spec):
     """Contexts per LM pass during CE/KL evaluation."""
     chunk_tokens: int = Field(128, ge=1)
     """Tokens whose logits are materialised at once (bounds memory with a 262k vocabulary)."""
+    probe_examples_per_class: int = Field(128, ge=2)
+    """Sparse probing (csc/pipeline/probing.py): examples of each class, the first ones in the held-out stream,
+    of which round(probe_test_fraction * n) (at least 1, at most n - 1) are probe-test examples and the rest
+    probe-fit examples (128: 26 and 102). A class with fewer is left out; a task with fewer than 2 classes is an
+    error. On the embedded default the sequence-level classes are the 4 held-out works, the smallest (The Rape
+    of Lucrece) about 180 contexts of 128 tokens long."""
+    probe_test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of probing examples held out from the probe's fit (SAEBench's 1000 of 5000). The split is by context:
+    context i is a probe-test context when i % round(1 / f) is the last residue, so no context gives examples to
+    both sides."""
+    probe_min_tokens: int = Field(16, ge=1)
+    """Sequence-level probing pools the tokens of one document within one context: such a part is an example when it
+    has at least this many tokens (BOS and EOS left out), so the ends of documents cut by a context do not count."""
+    probe_scan_tokens: int = Field(262_144, ge=1)
+    """Held-out tokens in which the sequence-level probing examples are looked for: tokenised only; the LM runs
+    for the held-out shards that hold chosen examples (beyond activations.eval_tokens, once per cache)."""
+    probe_seed: int = 42
+    """Seed of the balanced negatives of every one-vs-rest probe and of the random-init SAE that is probing's floor
+    (SAEBench's random_seed)."""
 
 
 class TrainRunSpec(ActivationsRunSpec):

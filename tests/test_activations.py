@@ -158,7 +158,7 @@ def test_evaluation_sees_every_held_out_anchor(cache):
     base = tiny_spec(cache, "activations.eval_tokens=512")  # 2 held-out shards of 8 contexts: 480 anchors
     spec = TrainRunSpec.model_validate({**base.model_dump(), "sae": {"dict_size": 32},
                                         "trainer": {"steps": 1, "batch_size": 100},
-                                        "eval": {"ce_contexts": 1}})
+                                        "eval": {"ce_contexts": 1, "probe_examples_per_class": 8}})
     acts = Activations(spec)
     sae = build_sae(parse_sae_config({"architecture": "relu", "d_in": 64, "dict_size": 32}))
     results, _ = evaluate_run(spec, sae, acts)

@@ -57,20 +57,33 @@ def test_quality_interpolates_in_log_l0():
 def test_contrastive_grid_table_pairs_each_trial_with_its_gamma_zero_twin(tmp_path):
     import json
 
-    def row(gamma, pairing, seed, nce, ev, outcome="finished"):
+    def row(gamma, pairing, seed, nce, ev, outcome="finished", **params):
         return {"trial": f"t{gamma}{pairing}{seed}", "outcome": outcome,
-                "params": {"trainer.gamma": gamma, "activations.pairing": pairing, "trainer.seed": seed},
+                "params": {"trainer.gamma": gamma, "activations.pairing": pairing, "trainer.seed": seed, **params},
                 "metrics": {"eval/l0": 60.0, "eval/explained_variance": ev, "eval/delta_ce": 1.0, "eval/kl_spliced": 1.0,
                             "eval/ce_loss_recovered": 0.9, "eval/nce": nce, "eval/nce_chance": 6.0,
                             "eval/code_sim_positive": 0.1, "eval/code_sim_negative": 0.0}}
 
+    spec = {"spec": {"activations": {"pairing": "previous"}, "trainer": {"gamma": 0.1, "seed": 0, "balance": False},
+                     "sweep": {"method": "grid"}}}
+    grid, balance = tmp_path / "grid", tmp_path / "balance"
+    for d in grid, balance:
+        d.mkdir()
+        (d / "csc_sweep.json").write_text(json.dumps(spec))
     rows = [row(0.0, "previous", s, 6.0 - 0.01 * s, 0.5 + 0.01 * s) for s in range(3)]
     rows += [row(0.1, "previous", s, 5.9 - 0.01 * s, 0.48 + 0.01 * s) for s in range(3)]
     rows.append(row(0.1, "previous", 3, 1.0, 0.0, outcome="failed"))  # not finished: left out
-    (tmp_path / "trials.json").write_text(json.dumps(rows))
-    out = run("contrastive_grid.py", str(tmp_path))
-    diff = [line for line in out.splitlines() if line.startswith("| 0.1 | previous | 3 |")]
+    (grid / "trials.json").write_text(json.dumps(rows))
+    # a second sweep without gamma = 0 trials: its twins come from the first (balance is inert at gamma = 0)
+    rows = [row(0.1, "previous", s, 5.8 - 0.01 * s, 0.47 + 0.01 * s, **{"trainer.balance": True}) for s in range(3)]
+    (balance / "trials.json").write_text(json.dumps(rows))
+    out = run("contrastive_grid.py", str(grid), str(balance))
+    assert "9 finished trials" in out
+    diff = [line for line in out.splitlines() if line.startswith("| 0.1 | False | 3 |")]
     assert len(diff) == 2  # the cell table and the paired-difference table
     cells = [c.strip() for c in diff[1].split("|")]
     # paired differences are constant over seeds here: EV -0.020 +/- 0, nce -0.100 +/- 0
     assert cells[5] == "-0.020 ± 0.000" and cells[9] == "-0.100 ± 0.000"
+    cells = [c.strip() for c in out.splitlines()[-1].split("|")]
+    assert cells[1:4] == ["0.1", "True", "3"]  # pairing is the same everywhere: not a column
+    assert cells[5] == "-0.030 ± 0.000" and cells[9] == "-0.200 ± 0.000"

@@ -67,7 +67,9 @@ def test_short_training_on_the_embedded_model_really_learns(lm, embedded_cache, 
         "activations.train_tokens=32768", "activations.eval_tokens=2048", f"activations.cache_dir={embedded_cache}",
         f"sae.architecture={arch}", "sae.dict_size=1024", "trainer.steps=150", "trainer.batch_size=512", "trainer.lr_warmup_steps=20",
         "trainer.beta_warmup_steps=20", "trainer.gamma_warmup_steps=20", "trainer.gamma=0.1", "trainer.log_every=50",
-        "eval.ce_contexts=8"])
+        # Sparse probing also reads the held-out shards that hold its examples: few at 16 a class; the default 128
+        # adds over a minute of CPU LM work to this session's fresh cache, and this test is not about probing.
+        "eval.ce_contexts=8", "eval.probe_examples_per_class=16"])
     results = train_run(spec, tmp_path / "run", acts=Activations(spec, lm=lm), progress=False)
     assert 20 <= results["l0"] <= 150
     assert results["explained_variance"] > 0.35

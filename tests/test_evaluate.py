@@ -7,11 +7,15 @@ import torch
 
 from csc.activations.models import build_tiny_gemma2
 from csc.config import ModelSpec
-from csc.pipeline.evaluate import _final_hidden, reconstruction_scores, splice_scores
+from csc.pipeline.evaluate import (_final_hidden, locality_scores, reconstruction_scores, saebench_sparsity_scores,
+                                   splice_scores)
 from csc.sae.archs import build_sae
 from csc.sae.archs.relu import ReluConfig
 from csc.sae.batch import ActivationBatch
 from csc.sae.losses import info_nce_loss
+
+
+SPECIAL = frozenset({0, 1, 2})  # the tiny tokenizer's <pad>, <eos>, <bos>
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def test_chunked_clean_ce_equals_transformers_loss_with_softcapping(tiny):
     sae = build_sae(ReluConfig(d_in=64, dict_size=128))
     with torch.no_grad():
         ref = tiny(input_ids=ids, labels=ids).loss.item()
-    out = splice_scores(tiny, sae, ids, layer=1, scale=1.0, lm_batch_size=2, chunk_tokens=7)
+    out = splice_scores(tiny, sae, ids, layer=1, scale=1.0, special_ids=SPECIAL, lm_batch_size=2, chunk_tokens=7)
     assert out["ce_clean"] == pytest.approx(ref, rel=1e-5)
     assert out["ce_tokens"] == ids.shape[0] * (ids.shape[1] - 1)
     assert out["ce_ablated"] != pytest.approx(out["ce_clean"])
@@ -44,13 +48,17 @@ def test_chunked_clean_ce_equals_transformers_loss_with_softcapping(tiny):
     assert keys[keys.index("ce_loss_recovered"):][:3] == ["ce_loss_recovered", "delta_ce", "kl_spliced"]
 
 
-def test_identity_splice_reproduces_clean_and_bos_is_untouched(tiny):
+def test_replacement_spares_the_kept_positions(tiny):
     ids = _ids(2)
-    clean = _final_hidden(tiny, ids, 2, None)
-    assert torch.equal(_final_hidden(tiny, ids, 2, lambda x: x), clean)
-    seen = []
-    _final_hidden(tiny, ids, 2, lambda x: seen.append(x.shape) or torch.zeros_like(x))
-    assert seen == [(2, ids.shape[1] - 1, 64)]
+    clean = _final_hidden(tiny, ids, 2)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, 0] = True
+    assert torch.equal(_final_hidden(tiny, ids, 2, lambda x: x, keep), clean)
+    # After the last layer only the final norm runs, token by token: kept positions come out clean, the
+    # zeroed ones as the norm of 0, which is 0.
+    keep[1, 5] = True
+    out = _final_hidden(tiny, ids, tiny.config.num_hidden_layers - 1, torch.zeros_like, keep)
+    assert torch.equal(out[keep], clean[keep]) and not out[~keep].any()
 
 
 def test_kl_and_ce_of_a_perfect_reconstruction(tiny):
@@ -62,11 +70,104 @@ def test_kl_and_ce_of_a_perfect_reconstruction(tiny):
         sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
         sae.b_enc.zero_()
         sae.b_dec.zero_()
-    out = splice_scores(tiny, sae, _ids(3), layer=1, scale=0.5)
+    out = splice_scores(tiny, sae, _ids(3), layer=1, scale=0.5, special_ids=SPECIAL)
     assert out["ce_spliced"] == pytest.approx(out["ce_clean"], abs=1e-4)
     assert out["kl_spliced"] == pytest.approx(0.0, abs=1e-5)
     assert out["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert out["delta_ce"] == pytest.approx(0.0, abs=1e-4)
+    # SAEBench's names: the same verdict against its own baseline
+    assert out["ce_loss_with_sae"] == pytest.approx(out["ce_loss_without_sae"], abs=1e-4)
+    assert out["ce_loss_score"] == pytest.approx(1.0, abs=1e-3)
+    assert out["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert out["kl_div_score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def _zero_sae(d: int = 64):
+    """x_hat = 0 for every input: the SAE is a zero-ablation."""
+    sae = build_sae(ReluConfig(d_in=d, dict_size=2 * d, layer_norm=False))
+    with torch.no_grad():
+        for t in sae.parameters():
+            t.zero_()
+    return sae
+
+
+def _ids_with_specials():
+    ids = _ids(4, T=16)
+    ids[2, 6] = 1   # an <eos> between two documents
+    ids[3, 3] = 1
+    ids[3, 10] = 0  # a <pad>
+    return ids      # rows 0-1: BOS is the only special token; rows 2-3: not
+
+
+def test_saebench_scores_of_a_zero_sae_at_the_last_layer_are_zero(tiny):
+    """Spliced at the last layer, a zero SAE equals SAEBench's ablation at every token SAEBench counts (only the
+    final norm follows, token by token, and both runs put 0 there): ce_loss_score = kl_div_score = 0. Its
+    ablation gives uniform logits: CE ln V. csc's ablation keeps BOS, as its spliced run does: recovered 0."""
+    out = splice_scores(tiny, _zero_sae(), _ids_with_specials(), layer=tiny.config.num_hidden_layers - 1, scale=1.0,
+                        special_ids=SPECIAL, lm_batch_size=2, chunk_tokens=5)
+    assert out["ce_loss_score"] == pytest.approx(0.0, abs=1e-9) and out["kl_div_score"] == pytest.approx(0.0, abs=1e-9)
+    assert out["ce_loss_with_ablation"] == pytest.approx(math.log(tiny.config.vocab_size), rel=1e-6)
+    assert out["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
+
+
+def _reference_logits(model, ids, layer, replaced: torch.Tensor, fn) -> torch.Tensor:
+    """transformers' own logits with resid_post(layer) -> fn(resid) at the `replaced` [b, T] positions."""
+    def hook(_mod, _args, out):
+        resid = out[0] if isinstance(out, tuple) else out
+        new = resid.clone()
+        new[replaced] = fn(resid[replaced])
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    try:
+        return model(input_ids=ids).logits.float()
+    finally:
+        handle.remove()
+
+
+def test_splice_figures_match_a_direct_reference_with_special_tokens_inside(tiny):
+    """csc's figures and SAEBench's, each from its definition: csc replaces every position but BOS and averages
+    over every predicted position; SAEBench keeps every special token out of the SAE, zero-ablates all of them
+    (BOS too), averages CE over predictions made at non-special tokens and KL over non-special tokens."""
+    ids, layer = _ids_with_specials(), 1
+    sae = build_sae(ReluConfig(d_in=64, dict_size=128))
+    out = splice_scores(tiny, sae, ids, layer=layer, scale=1.0, special_ids=SPECIAL, lm_batch_size=2, chunk_tokens=7)
+    special = torch.isin(ids, torch.tensor(sorted(SPECIAL)))
+    not_bos = torch.ones_like(special)
+    not_bos[:, 0] = False
+    with torch.no_grad():
+        def recon(x):
+            return sae(x).x_hat
+        clean = tiny(input_ids=ids).logits.float()
+        logits = {"csc_spliced": _reference_logits(tiny, ids, layer, not_bos, recon),
+                  "csc_ablated": _reference_logits(tiny, ids, layer, not_bos, torch.zeros_like),
+                  "sb_spliced": _reference_logits(tiny, ids, layer, ~special, recon),
+                  "sb_ablated": _reference_logits(tiny, ids, layer, torch.ones_like(special), torch.zeros_like)}
+
+    def ce(lg):  # [b, T - 1]
+        return torch.nn.functional.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+
+    def kl(lg):  # [b, T]
+        p = clean.log_softmax(-1)
+        return (p.exp() * (p - lg.log_softmax(-1))).sum(-1)
+
+    at = ~special[:, :-1]  # SAEBench: predictions made at a non-special token
+    ref = {"ce_clean": ce(clean).mean(), "ce_spliced": ce(logits["csc_spliced"]).mean(),
+           "ce_ablated": ce(logits["csc_ablated"]).mean(), "kl_spliced": kl(logits["csc_spliced"])[:, :-1].mean(),
+           "kl_ablated": kl(logits["csc_ablated"])[:, :-1].mean(),
+           "ce_loss_without_sae": ce(clean)[at].mean(), "ce_loss_with_sae": ce(logits["sb_spliced"])[at].mean(),
+           "ce_loss_with_ablation": ce(logits["sb_ablated"])[at].mean(),
+           "kl_div_with_sae": kl(logits["sb_spliced"])[~special].mean(),
+           "kl_div_with_ablation": kl(logits["sb_ablated"])[~special].mean()}
+    for key, value in ref.items():
+        assert out[key] == pytest.approx(value.item(), rel=1e-5), key
+    assert out["ce_loss_score"] == (out["ce_loss_with_ablation"] - out["ce_loss_with_sae"]) / (
+        out["ce_loss_with_ablation"] - out["ce_loss_without_sae"])
+    assert out["kl_div_score"] == (out["kl_div_with_ablation"] - out["kl_div_with_sae"]) / out["kl_div_with_ablation"]
+    # The runs differ where they should: SAEBench's ablation also zeroes BOS, its spliced run spares <eos>/<pad>
+    assert not torch.allclose(logits["sb_ablated"][:, 1:], logits["csc_ablated"][:, 1:])
+    assert torch.allclose(logits["sb_spliced"][:2], logits["csc_spliced"][:2])
+    assert not torch.allclose(logits["sb_spliced"][2:], logits["csc_spliced"][2:])
 
 
 def test_reconstruction_scores_over_batches():
@@ -205,3 +306,27 @@ def test_code_cosines_cover_every_batch():
     assert both["code_sim_positive"] == pytest.approx((one["code_sim_positive"] + 1.0) / 2)  # 32 anchors each
     assert both["code_sim_negative"] == pytest.approx(one["code_sim_negative"] / 2)  # as many pairs, cos 0
     assert both["nce"] < one["nce"]
+
+
+def test_saebench_sparsity_scores_by_hand():
+    """z = ReLU(x), x_hat = z. Batch 1: two contexts, non-special tokens a = [3, 0], b = [0, 3], c = [-3, -3]
+    (batch mean 0): EV legacy 1, 1, 0; L0 1, 1, 0; L1 3, 3, 0. Batch 2: one context, [1, 0], [-1, 0]: EV 1, 0;
+    L0 1, 0; L1 1, 0. BOS/EOS/PAD carry outliers that would move every figure if they were counted."""
+    big = [100.0, 100.0]
+    first = (torch.tensor([[big, [3.0, 0.0], big], [big, [0.0, 3.0], [-3.0, -3.0]]]),
+             torch.tensor([[2, 7, 1], [2, 8, 9]]))
+    second = (torch.tensor([[big, [1.0, 0.0], [-1.0, 0.0], big]]), torch.tensor([[2, 5, 6, 0]]))
+    out = saebench_sparsity_scores(_contrastive_sae(2), [first, second], SPECIAL)
+    # Every token weighs the same (the mean of the two batches' means would give EV 7/12)
+    assert out == {"explained_variance_legacy": pytest.approx(3 / 5), "saebench_l0": pytest.approx(3 / 5),
+                   "saebench_l1": pytest.approx(7 / 5)}
+
+
+def test_locality_scores_of_codes_with_a_known_ratio():
+    """z = ReLU(x): latent 0 is on at every anchor of 1 context in 4 (r = 4), latent 1 at every anchor of every
+    context (r = 1); the median of {1, 4} is 2.5, the firing-weighted mean (6 * 4 + 24 * 1) / 30 = 1.6."""
+    x = torch.zeros(4, 6, 16)
+    x[0, :, 0] = 1.0
+    x[:, :, 1] = 2.0
+    out = locality_scores(_contrastive_sae(), x.split(3))
+    assert out == {"context_locality": pytest.approx(2.5), "context_locality_weighted": pytest.approx(1.6)}

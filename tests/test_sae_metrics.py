@@ -107,6 +107,26 @@ def test_ce_loss_recovered():
         metrics.ce_loss_recovered(3.0, 3.5, 3.0)
 
 
+def test_kl_div_score():
+    assert metrics.kl_div_score(0.0, 4.0) == 1.0
+    assert metrics.kl_div_score(4.0, 4.0) == 0.0
+    assert metrics.kl_div_score(0.5, 4.0) == 0.875
+    with pytest.raises(CscError):
+        metrics.kl_div_score(0.1, 0.0)
+
+
+def test_explained_variance_legacy_by_hand():
+    """Per token 1 - ||x_i - x_hat_i||^2 / ||x_i - batch mean||^2, next to csc's ratio of sums."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])  # batch mean 0
+    x_hat = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, -2.0]])
+    per_token = metrics.explained_variance_legacy(x, x_hat)
+    assert per_token.tolist() == [1.0, 0.0, 0.75, 1.0]  # mean 0.6875
+    assert metrics.explained_variance(x, x_hat).item() == pytest.approx(1 - 2 / 10)  # 0.8: the same errors
+    # Centred on the batch's mean: an offset moves neither; predicting the mean scores 0 at every token.
+    assert torch.allclose(metrics.explained_variance_legacy(x + 5, x_hat + 5), per_token)
+    assert metrics.explained_variance_legacy(x + 5, torch.full_like(x, 5.0)).tolist() == [0.0] * 4
+
+
 def test_decoder_max_cosine_matches_loop():
     w = rand(9, 5, seed=7)
     w[3] = -2 * w[1]  # an antiparallel duplicate counts as |cos| = 1

@@ -4,6 +4,7 @@ LM run per shard, and an interrupted sweep resumed without duplicate trials or M
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,11 +17,20 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
+from csc.activations.source import Activations
 from csc.cli import main
 from csc.config import load_spec
+from csc.errors import CscError
+from csc.pipeline.probing import held_out_labels
 from csc.sae.export import load_sae
 from csc.sweep.run import run_sweep
 from csc.sweep.spec import SweepSpec
+from tests.test_probing import labelled_corpus
+
+
+LM_SHARDS = 4 + 2 + 2
+"""Shards the tiny sweep's LM makes on a fresh cache: 4 train, 2 eval, and the 2 held-out shards beyond them that
+sparse probing reads once a trial finishes."""
 
 
 def tiny_sweep(tmp_path: Path, cache: Path, trainer: dict | None = None, checkpoint_every: int = 10,
@@ -33,7 +43,8 @@ def tiny_sweep(tmp_path: Path, cache: Path, trainer: dict | None = None, checkpo
         "sae": {"dict_size": 128},
         "trainer": {"steps": 40, "batch_size": 64, "lr_warmup_steps": 5, "beta_warmup_steps": 5,
                     "gamma_warmup_steps": 5, "log_every": 5, **(trainer or {})},
-        "eval": {"ce_contexts": 4},
+        # Sparse probing reads 2 held-out shards beyond the evaluation's (31 at the default 128 examples).
+        "eval": {"ce_contexts": 4, "probe_examples_per_class": 16},
         "checkpoint_every": checkpoint_every,
         "sweep": {"num_samples": 5, "max_concurrent": 1,
                   "objectives": [{"metric": "ev", "mode": "max"}, {"metric": "l0", "mode": "min"}],
@@ -78,15 +89,16 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert all(rows[t]["outcome"] in ("finished", "stopped_early") for t in ("trial_04", "trial_05")), \
         "the sweep goes on after a failure"
 
-    # The LM ran once per shard (4 train + 2 eval, fresh cache), though five trials read them.
+    # The LM ran once per shard (fresh cache), though five trials read them.
     st = result.producer
-    assert st["lm_shards_computed"] == 6 and st["requests"] > 6 * 3
+    assert st["lm_shards_computed"] == LM_SHARDS and st["requests"] > 6 * 3
     assert st["evaluations"] == sum(r["outcome"] == "finished" for r in rows.values())
 
     client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["csc.role"] == "sweep"
-    assert parent.data.params["trainer.steps"] == "40" and parent.data.metrics["producer.lm_shards_computed"] == 6
+    assert parent.data.params["trainer.steps"] == "40"
+    assert parent.data.metrics["producer.lm_shards_computed"] == LM_SHARDS
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= \
         {"trials.csv", "trials.json", "pareto.png", "progression.png"}
     assert Path(client.get_experiment(result.experiment_id).artifact_location.removeprefix("file://")) == \
@@ -107,13 +119,20 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
         done.data.metrics)  # every held-out figure, the headline's scale and InfoNCE's chance level included
     arts = {a.path for a in client.list_artifacts(done.info.run_id)} | \
         {a.path for a in client.list_artifacts(done.info.run_id, "sae")}
-    assert arts >= {"curves.png", "eval.json", "sae/cfg.json", "sae/sae_weights.safetensors"}
+    assert arts >= {"curves.png", "eval.json", "dashboard.html", "sae/cfg.json", "sae/sae_weights.safetensors"}
+    # The feature dashboard (logit tables and token strings from the producer) opens from the run, and the sweep
+    # folder keeps it too; tests/test_dashboard.py checks what it shows.
+    page = Path(client.download_artifacts(done.info.run_id, "dashboard.html", str(in_tmp / "dl"))).read_text()
+    assert page == (result.sweep_dir / "trial_01" / "dashboard.html").read_text()
+    assert len(re.findall(r'<section class="latent" id="latent-\d+" data-latent=', page)) == 32
+    assert "Feature dashboard: tiny-gemma2 layer 2" in page
     sae, meta = load_sae(Path(client.download_artifacts(done.info.run_id, "sae", str(in_tmp / "dl"))))
     assert sae.cfg.dict_size == 128 and meta["hook_layer"] == 2
 
     stopped = runs["trial_02"]
     assert stopped.info.status == "KILLED" and "ASHA stopped it at step" in stopped.data.tags["csc.stop_reason"]
     assert "sae" in {a.path for a in client.list_artifacts(stopped.info.run_id)}
+    assert "dashboard.html" not in {a.path for a in client.list_artifacts(stopped.info.run_id)}  # not evaluated
 
     failed = runs["trial_03"]
     assert failed.info.status == "FAILED"
@@ -130,8 +149,24 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert main(["report", str(result.sweep_dir)]) == 0
     summary = capsys.readouterr().out
     assert summary.startswith("sweep 'tiny': 5 of 5 trials: ") and "1 failed" in summary
-    assert "the LM made 6 shards" in summary and "best trials (ev max, l0 min; the Pareto set):" in summary
+    assert f"the LM made {LM_SHARDS} shards" in summary
+    assert "best trials (ev max, l0 min; the Pareto set):" in summary
     assert "\ntrial_0" in summary.split("the Pareto set")[1] and "open it with: csc ui\n" in summary
+
+
+def test_a_corpus_that_cannot_be_probed_fails_the_sweep_before_any_trial(in_tmp, cache, capsys):
+    """The producer makes the probing set as the sweep starts: its error is `csc train`'s, field named."""
+    overrides = ["--set", f"corpus.source={labelled_corpus(in_tmp)}", "--set", "corpus.label_field=kind",
+                 "--set", "eval.probe_examples_per_class=500"]  # more examples than the held-out documents give
+    path = tiny_sweep(in_tmp, cache)
+    spec = load_spec(SweepSpec, path, [o for o in overrides if o != "--set"])
+    with pytest.raises(CscError) as train_error:
+        held_out_labels(spec.trial({}), Activations(spec.trial({})))  # what `csc train` checks before training
+    assert "task 'seq' (corpus.label_field): 0 class(es)" in str(train_error.value)
+
+    assert main(["sweep", str(path), *overrides, "--out", str(in_tmp / "runs")]) == 2
+    assert f"csc: error: {train_error.value}\n" in capsys.readouterr().err
+    assert not list((in_tmp / "runs" / "tiny").glob("trial_*")), "no trial ran"
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):

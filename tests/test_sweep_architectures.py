@@ -25,7 +25,8 @@ def spec_data(cache, **sweep) -> dict:
                         "train_tokens": 1024, "eval_tokens": 512, "cache_dir": str(cache)},
         "sae": {"dict_size": 128},
         "trainer": {"steps": 20, "batch_size": 64, "log_every": 5, "gamma": 0.1},
-        "eval": {"ce_contexts": 2},
+        # Sparse probing reads 2 held-out shards beyond the evaluation's (31 at the default 128 examples).
+        "eval": {"ce_contexts": 2, "probe_examples_per_class": 16},
         "checkpoint_every": 10,
         "sweep": {"num_samples": 4, "max_concurrent": 2, "search": SEARCH, "scheduler": None,
                   "resources": {"trial_cpus": 0.5, "producer_cpus": 0.5}, **sweep},

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from csc.sweep.ui import MlflowServer, _group_alive, free_port
-from tests.test_sweep import child_runs, tiny_sweep
+from tests.test_sweep import LM_SHARDS, child_runs, tiny_sweep
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -119,7 +119,7 @@ def test_sweep_on_a_two_node_cluster_with_an_mlflow_server(tmp_path, cache, keep
             node.stop()
 
     assert state["producer"]["node_id"] == lm_node, "the producer runs on the node with the lm_node resource"
-    assert state["producer"]["lm_shards_computed"] == 6
+    assert state["producer"]["lm_shards_computed"] == LM_SHARDS
     assert parent.info.status == "FINISHED" and parent.data.tags["csc.producer_node"] == lm_node
     assert sorted(runs) == ["trial_01", "trial_02", "trial_03"]
     for name, run in runs.items():

@@ -22,7 +22,7 @@ from csc.sweep.producer import NAMESPACE, producer_name
 from csc.sweep.run import run_sweep
 from csc.sweep.spec import SweepSpec
 from csc.sweep.ui import MlflowServer, _group_alive, free_port
-from tests.test_sweep import child_runs, tiny_sweep
+from tests.test_sweep import LM_SHARDS, child_runs, tiny_sweep
 
 
 def descendants(pid: int) -> list[int]:
@@ -86,7 +86,7 @@ def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkey
     assert sorted(r["trial"] for r in result.rows) == ["trial_01", "trial_02", "trial_03"]
     assert all(r["outcome"] == "finished" for r in result.rows), result.rows
     # Counters are the restarted producer's: it ran the LM only for the shards the cache did not have.
-    assert result.producer["lm_shards_computed"] == 6 - shards_on_disk
+    assert result.producer["lm_shards_computed"] == LM_SHARDS - shards_on_disk
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = child_runs(client, result.experiment_id, result.parent_run_id)

@@ -40,6 +40,8 @@ def test_untracked_sweep_keeps_every_file_of_its_folder(tmp_path, cache, monkeyp
     for name in ("trial_01", "trial_02"):
         assert {p.name for p in (sweep_dir / name / "sae").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
         assert (sweep_dir / name / "curves.png").stat().st_size > 0
+    assert (sweep_dir / "trial_01" / "dashboard.html").stat().st_size > 0  # finished: evaluated, with its dashboard
+    assert not (sweep_dir / "trial_02" / "dashboard.html").exists()
     error = (sweep_dir / "trial_03" / "error.txt").read_text()
     assert "DivergenceError" in error and "\x1b[" not in error
     assert not (sweep_dir / "trial_03" / "sae").exists()

@@ -9,8 +9,10 @@ import ray
 import torch
 
 from csc.activations.pairing import RULES
+from csc.activations.probe_labels import LETTER, SEQ
 from csc.activations.source import Activations, shard_batches
 from csc.config import TrainRunSpec
+from csc.pipeline.probing import held_out_labels
 from csc.sweep.producer import ActivationProducer, RemoteActivations, _shard_bytes, start_producer
 from tests.conftest import tiny_spec
 
@@ -80,6 +82,23 @@ def test_a_bad_shard_request_fails_the_caller_only(cache):
     with pytest.raises(IndexError, match="train shard 2 does not exist: the spec's token budget makes 2 shards"):
         p.shard("train", 2)
     assert len(p.shard("train", 0).seq_id) == 8
+
+
+def test_the_probing_set_is_made_once_and_the_shards_it_reads_are_served(cache):
+    spec = TrainRunSpec.model_validate({**train_spec(cache).model_dump(), "eval": {"probe_examples_per_class": 16}})
+    p = ActivationProducer(spec.model_dump_json(), 64, 0)
+    labels = p.probe_labels()
+    assert p.probe_labels() is labels, "made once"
+    want = held_out_labels(spec, Activations(spec))
+    assert torch.equal(labels.seq_id, want.seq_id) and [t.name for t in labels.tasks] == [SEQ, LETTER]
+    shards = labels.shards(8)
+    beyond = [i for i in shards if i >= p.acts.n_shards["eval"]]
+    assert beyond, "the seq task's examples lie beyond the evaluation's one shard"
+    assert torch.equal(p.shard("eval", beyond[-1]).seq_id, torch.arange(beyond[-1] * 8, (beyond[-1] + 1) * 8))
+    unread = next(i for i in range(1, beyond[-1]) if i not in shards)
+    with pytest.raises(IndexError, match=f"eval shard {unread} does not exist: the spec's token budget makes 1 shards, "
+                                         f"and sparse probing does not read it"):
+        p.shard("eval", unread)
 
 
 @pytest.fixture(scope="module")

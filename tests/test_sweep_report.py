@@ -8,8 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csc.sweep.report import (best_trials, format_best, pareto_front, pareto_plot, progression_plot,
-                              write_trials_table)
+import matplotlib.pyplot as plt
+from matplotlib.container import ErrorbarContainer
+
+from csc.sweep.report import (best_trials, configurations, format_best, pareto_figure, pareto_front, pareto_plot,
+                              progression_plot, repeated, write_configs_table, write_trials_table)
 
 
 def trial(i, outcome, gamma, beta, temp, dict_size, steps_done, metrics, **extra):
@@ -180,3 +183,84 @@ def test_report_never_imports_ray_or_mlflow():
             "sys.exit(sorted(n for n in sys.modules if n.split('.')[0] in ('ray', 'mlflow')) != [])\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def seeded(i, beta, seed, outcome, ev=0.0, l0=0.0):
+    """A trial of a sweep that runs each configuration (trainer.beta) over seeds 0, 1, 2."""
+    metrics = {**train(1.0, 0.5, ev + 0.02, l0 - 1), **held_out(ev, l0, ev + 0.1)} if outcome == "finished" else \
+        train(1.5, 0.4, 0.3, 60) if outcome == "stopped_early" else {}
+    return {"trial": f"trial_{i:02d}", "outcome": outcome, "steps_done": 300 if outcome == "finished" else 100,
+            "steps_total": 300, "dict_size": 1024, "metrics": metrics,
+            "params": {"trainer.beta": beta, "trainer.seed": seed}}
+
+
+@pytest.fixture
+def seeded_rows():
+    """Three configurations over three seeds: every seed finished; ASHA stopped them; one seed failed."""
+    return [seeded(1, 0.01, 0, "finished", 0.80, 40), seeded(2, 0.01, 1, "finished", 0.70, 44),
+            seeded(3, 0.01, 2, "finished", 0.75, 42),
+            *(seeded(4 + s, 0.1, s, "stopped_early") for s in range(3)),
+            seeded(7, 0.03, 0, "finished", 0.60, 20), seeded(8, 0.03, 1, "failed"),
+            seeded(9, 0.03, 2, "finished", 0.64, 22)]
+
+
+def test_configurations_have_the_mean_and_spread_over_their_seeds(seeded_rows, rows):
+    configs = configurations(seeded_rows)
+    assert [c["config"] for c in configs] == ["config_01", "config_02", "config_03"] and repeated(configs)
+    a, b, c = configs
+    assert a["trials"] == ["trial_01", "trial_02", "trial_03"] and a["seeds"] == [0, 1, 2]
+    assert a["params"] == {"trainer.beta": 0.01} and (a["outcome"], a["n"], a["steps_done"]) == ("finished", 3, 300)
+    assert a["metrics"]["eval/explained_variance"] == pytest.approx(0.75)
+    assert a["spread"]["eval/explained_variance"] == pytest.approx(0.05)  # sample std of 0.80, 0.70, 0.75
+    assert a["metrics"]["eval/l0"] == pytest.approx(42) and a["spread"]["eval/l0"] == pytest.approx(2)
+    assert (b["outcome"], b["n"], b["metrics"], b["spread"], b["steps_done"]) == ("stopped_early", 0, {}, {}, 100)
+    assert (c["outcome"], c["n"]) == ("failed", 2)  # its two finished seeds still have their mean in the table
+    assert c["metrics"]["eval/l0"] == pytest.approx(21) and c["spread"]["eval/l0"] == pytest.approx(2 ** 0.5)
+    assert not repeated(configurations(rows))  # one trial per configuration: the reports show trials
+
+
+def test_configs_table_and_trials_table_link_by_configuration(seeded_rows, tmp_path):
+    configs = configurations(seeded_rows)
+    write_configs_table(configs, tmp_path / "configs.csv")
+    with open(tmp_path / "configs.csv", newline="") as f:
+        header, *body = list(csv.reader(f))
+    assert header[:6] == ["config", "outcome", "seeds", "finished", "trials", "trainer.beta"]
+    assert header[6:8] == ["loss mean", "loss std"] and "trainer.seed" not in header
+    table = {r["config"]: r for r in (dict(zip(header, b)) for b in body)}
+    a = table["config_01"]
+    assert (a["outcome"], a["seeds"], a["finished"]) == ("finished", "3", "3")
+    assert a["trials"] == "trial_01 trial_02 trial_03"
+    assert float(a["eval/explained_variance mean"]) == pytest.approx(0.75)
+    assert float(a["eval/explained_variance std"]) == pytest.approx(0.05)
+    assert table["config_02"]["ev mean"] == "" and table["config_03"]["finished"] == "2"
+
+    of = {t: c["config"] for c in configs for t in c["trials"]}
+    write_trials_table([{**r, "config": of[r["trial"]]} for r in seeded_rows], tmp_path / "trials.csv")
+    with open(tmp_path / "trials.csv", newline="") as f:
+        header, *body = list(csv.reader(f))
+    assert header[:3] == ["trial", "config", "outcome"] and body[4][:2] == ["trial_05", "config_02"]
+
+
+def test_best_configurations_show_mean_and_spread(seeded_rows):
+    configs = [c for c in configurations(seeded_rows) if c["outcome"] == "finished"]
+    objectives = [("eval/explained_variance", "max")]
+    best = best_trials(configs, objectives)
+    assert [c["config"] for c in best] == ["config_01"]
+    header, _, line = format_best(best, objectives, ["trainer.beta"]).splitlines()
+    assert header.split()[:5] == ["configuration", "seeds", "outcome", "steps", "trainer.beta"]
+    assert line.split()[:8] == ["config_01", "3", "finished", "300/300", "0.01", "0.75", "±", "0.05"]
+
+
+def test_pareto_plot_draws_configurations_with_error_bars(seeded_rows, rows, tmp_path):
+    fig = pareto_figure(seeded_rows)
+    a, bars = fig.axes[0], [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and len(bars[0].lines[2]) == 2  # one x and one y error bar collection
+    assert [seg[:, 1].tolist() for seg in bars[0].lines[2][1].get_segments()] == \
+        [pytest.approx([0.70, 0.80])]  # config_01 only: ev 0.75 +- 0.05 (config_03 has a failed seed)
+    assert [t.get_text() for t in a.texts] == ["c1", "4", "5", "6"]  # configurations, and the stopped trials
+    plain = pareto_figure(rows)
+    assert not any(isinstance(c, ErrorbarContainer) for c in plain.axes[0].containers)
+    plt.close(fig)
+    plt.close(plain)
+    pareto_plot(seeded_rows, tmp_path / "pareto.png")
+    assert_png(tmp_path / "pareto.png")

@@ -69,7 +69,40 @@ def test_points_take_the_fields_types(tmp_path):
     (lambda d: d["trainer"].update(gamma_warmup_steps=12),
      "sweep.scheduler.grace_period (10) must come after the warm-ups (trainer.gamma_warmup_steps: 12 steps)"),
     (lambda d: d["sweep"].update(objectives=[{"metric": "explained_variance", "mode": "max"}]),
-     "sweep.objectives.0.metric: Input should be 'loss', 'mse'"),
+     "sweep.objectives.0.metric: 'explained_variance' is not a metric trials report (did you mean "
+     "'eval/explained_variance'?): a training metric (loss, mse, "),
+    # csc train's own figures (train_*) are in csc eval's list but not in a trial's final report.
+    (lambda d: d["sweep"].update(objectives=[{"metric": "eval/train_steps", "mode": "max"}]),
+     "sweep.objectives.0.metric: 'eval/train_steps' is not a metric trials report"),
+    (lambda d: d["trainer"].update(gamma=0) or d["sweep"].update(objectives=[{"metric": "ev", "mode": "max"},
+                                                                             {"metric": "nce", "mode": "min"}]),
+     "sweep.objectives[1].metric: the trials with sae.dict_size 64, trainer.beta 0.001 do not report 'nce' (a loss "
+     "term's metric exists only where a trial has the term; they report dead_frac, ev, grad_norm, l0, l1, loss, "
+     "mse); Optuna needs every objective from every trial: the held-out 'eval/nce' is measured for every trial"),
+    (lambda d: d["sweep"].update(objectives=[{"metric": "auxk", "mode": "min"}]),
+     "sweep.objectives[0].metric: the trials with sae.dict_size 64, trainer.beta 0.001 do not report 'auxk'"),
+    (lambda d: d["sweep"]["scheduler"].update(metric="eval/delta_ce"),
+     "sweep.scheduler.metric: 'eval/delta_ce' is a held-out figure, measured once after a trial's last step; ASHA "
+     "ranks trials at its rungs, before that: give a training metric (loss, mse, "),
+    (lambda d: d["sweep"]["scheduler"].update(metric="kl"), "sweep.scheduler.metric: 'kl' is not a metric trials "
+                                                            "report: a training metric (loss, "),
+    # gamma 0.1 everywhere: every trial has InfoNCE, but not at the steps of its warm-up where its weight is 0
+    (lambda d: d["trainer"].update(gamma=0.1, gamma_warmup_steps=5) or d["sweep"]["scheduler"].update(metric="nce"),
+     "sweep.scheduler.metric: 'nce' is not in every report of the trials with sae.dict_size 64, trainer.beta 0.001 "
+     "(the trainer skips an optional term at the steps where its weight is 0, as at the start of its warm-up); ASHA "
+     "ranks trials on it at every rung: give one of loss, mse, l1, l0, ev, dead_frac, grad_norm"),
+    (lambda d: d["sweep"].update(search={**d["sweep"]["search"], "sae.architecture": {
+        "type": "choice", "values": ["relu", "topk"]}}, scheduler={"metric": "l1", "grace_period": 10}),
+     "sweep.scheduler.metric: 'l1' is not in every report of the trials with sae.architecture 'topk', "
+     "sae.dict_size 64, trainer.beta 0.001 (they do not have that term); ASHA ranks trials on it at every rung: give "
+     "one of loss, mse, l0, ev, dead_frac, grad_norm"),
+    (lambda d: d["sweep"].update(seeds=3, search={**d["sweep"]["search"], "trainer.seed": {
+        "type": "choice", "values": [0, 1]}}),
+     "sweep.seeds (3) runs each configuration with trainer.seed 0...2, and sweep.search.trainer.seed searches it "
+     "too: give the seeds one way (drop sweep.search.trainer.seed, or set sweep.seeds to 1)"),
+    (lambda d: d["sweep"].update(seeds=0), "sweep.seeds: Input should be greater than or equal to 1"),
+    (lambda d: d["sweep"].update(seeds=2), "sweep.seeds (2) needs sweep.scheduler: null: ASHA ranks trials one by one, "
+                                           "so it would rank a configuration's seeds against each other"),
     (lambda d: d["sweep"].update(num_samples=0), "sweep.num_samples: Input should be greater than or equal to 1"),
 ])
 def test_spec_errors_name_file_and_field(tmp_path, change, message):

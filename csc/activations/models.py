@@ -126,10 +126,32 @@ def load_language_model(spec: ModelSpec, cache_root: Path) -> LanguageModel:
         model, tok = _from_pretrained(spec.name, dtype, revision=None if local else spec.revision)
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
+    return LanguageModel(model=model, tokenizer=tok, identity=model_identity(spec),
+                         bos_token_id=start_token_id(tok, spec), device=device)
+
+
+def start_token_id(tok: PreTrainedTokenizerBase, spec: ModelSpec) -> int:
+    """The token every context starts with: the tokenizer's BOS, else its EOS."""
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if bos is None:
         raise InputError(f"model.name {spec.name!r}: its tokenizer has neither a BOS nor an EOS token to start contexts with")
-    return LanguageModel(model=model, tokenizer=tok, identity=model_identity(spec), bos_token_id=int(bos), device=device)
+    return int(bos)
+
+
+def load_tokenizer(spec: ModelSpec, cache_root: Path) -> PreTrainedTokenizerBase:
+    """The LM's tokenizer alone (seconds), for work that reads tokens but runs no LM."""
+    if spec.name == EMBEDDED:
+        name, kw = str(embedded_model_folder(cache_root)), {}
+    elif spec.name == TINY_GEMMA2:
+        return byte_tokenizer()
+    else:
+        check_model_spec(spec)
+        local = Path(spec.name).expanduser().is_dir()
+        name, kw = spec.name, ({} if local else {"revision": spec.revision})
+    try:
+        return AutoTokenizer.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        raise InputError(f"model.name {name!r}: its tokenizer cannot be loaded: {first_line(e)}") from None
 
 
 def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None):

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from csc.sae.batch import ActivationBatch
 from csc.activations.cache import ShardCache
@@ -33,7 +34,8 @@ from csc.activations.pairing import (FIRST_ANCHOR, RULES, attention_partners, ch
                                      shard_seed, tensor_name)
 from csc.activations.contexts import ContextStream
 from csc.activations.corpus import Split, corpus_identity, documents
-from csc.activations.models import LanguageModel, check_model_spec, load_language_model, model_identity
+from csc.activations.models import (LanguageModel, check_model_spec, load_language_model, load_tokenizer,
+                                    model_identity)
 from csc.config import ActivationsRunSpec, PairingRule
 from csc.errors import InputError
 
@@ -66,6 +68,7 @@ class Activations:
         self.spec = spec
         self.d_model = facts.d_model
         self._lm = lm
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._streams: dict[Split, ContextStream] = {}
         ident = {"model": model_identity(spec.model), "layer": a.layer, "corpus": corpus_identity(spec.corpus),
                  "holdout_fraction": spec.corpus.holdout_fraction, "context_length": a.context_length,
@@ -89,6 +92,15 @@ class Activations:
             self.check_corpus_has_text()
             self._lm = load_language_model(self.spec.model, self.spec.activations.cache_root)
         return self._lm
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The LM's tokenizer, without loading the LM when it is not loaded yet."""
+        if self._lm is not None:
+            return self._lm.tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.spec.model, self.spec.activations.cache_root)
+        return self._tokenizer
 
     def check_corpus_has_text(self) -> None:
         """Raise before any model is loaded when a split of the corpus has no document."""

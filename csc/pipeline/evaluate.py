@@ -2,38 +2,52 @@
 
 Reconstruction figures (MSE, explained variance, L0, ...) come from `metrics.StreamingStats` over the
 held-out batches. Downstream figures splice the SAE into the residual stream after layer L with a
-forward hook that returns a replacement, at every position but BOS (the SAE never trains on BOS):
+forward hook that returns a replacement:
 
     clean    the model as it is
-    spliced  resid_post(L) -> decode(encode(x * scale)) / scale
-    ablated  resid_post(L) -> 0
+    spliced  resid_post(L) -> decode(encode(x * scale)) / scale at every position but BOS (the SAE never trains on BOS)
+    ablated  resid_post(L) -> 0 at every position but BOS
 
-CE is next-token cross entropy over every predicted position, KL is KL(clean || other) per token.
-Logits are formed from the final hidden states `chunk_tokens` rows at a time, so memory stays bounded
-even with Gemma's 262k vocabulary.
+CE is next-token cross entropy over every predicted position, KL is KL(clean || other) per token. Beside them,
+SAEBench's figures under SAEBench's names (`splice_scores`, `saebench_sparsity_scores`). Logits are formed from
+the final hidden states `chunk_tokens` rows at a time, so memory stays bounded even with Gemma's 262k vocabulary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from torch import nn
 
 from csc.activations.capture import base_model, decoder_layers
+from csc.activations.models import LanguageModel
+from csc.activations.probe_labels import special_ids
 from csc.errors import CscError
 from csc.sae import metrics
 from csc.sae.batch import ActivationBatch
+from csc.sae.locality import ContextLocality
 from csc.sae.losses import info_nce_loss
 from csc.sae.model import SparseAutoencoder
 
+SAEBENCH_BATCH_PROMPTS = 16
+"""Contexts per batch of SAEBench's core evaluation (CoreEvalConfig.batch_size_prompts, and its scripts'):
+explained_variance_legacy centres each token on its batch's mean."""
+
+
+def special_token_ids(lm: LanguageModel) -> frozenset[int]:
+    """SAEBench's ignore_tokens (csc.activations.probe_labels.special_ids) of the LM's tokenizer."""
+    return special_ids(lm.tokenizer, lm.bos_token_id)
+
 
 def _final_hidden(model: nn.Module, ids: torch.Tensor, layer: int,
-                  replace: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+                  replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states [b, T, h] of `ids` [b, T]; with `replace`, resid_post(layer) becomes replace(resid)
+    except at the positions where `keep` [b, T] is True."""
     def hook(_mod, _args, out):
         resid = out[0] if isinstance(out, tuple) else out
-        new = resid.clone()
-        new[:, 1:] = replace(resid[:, 1:])
+        new = torch.where(keep[..., None], resid, replace(resid))
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook) if replace is not None else None
@@ -50,41 +64,92 @@ def _logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+# (figure, run, per-token measure, tokens it is averaged over): csc's over every predicted position, SAEBench's
+# over its non-special tokens (splice_scores' docstring).
+_SPLICE_TERMS = (("ce_clean", "clean", "ce", "csc"), ("ce_spliced", "spliced", "ce", "csc"),
+                 ("ce_ablated", "ablated", "ce", "csc"), ("kl_spliced", "spliced", "kl", "csc"),
+                 ("kl_ablated", "ablated", "kl", "csc"),
+                 ("ce_loss_without_sae", "clean", "ce", "sb_ce"), ("ce_loss_with_sae", "sb_spliced", "ce", "sb_ce"),
+                 ("ce_loss_with_ablation", "sb_ablated", "ce", "sb_ce"),
+                 ("kl_div_with_sae", "sb_spliced", "kl", "sb_kl"),
+                 ("kl_div_with_ablation", "sb_ablated", "kl", "sb_kl"))
+
+
 @torch.inference_mode()
 def splice_scores(model: nn.Module, sae: SparseAutoencoder, contexts: torch.Tensor, layer: int, scale: float,
-                  lm_batch_size: int = 8, chunk_tokens: int = 128) -> dict[str, float]:
+                  special_ids: Collection[int], lm_batch_size: int = 8, chunk_tokens: int = 128) -> dict[str, float]:
     """CE clean / spliced / zero-ablated, CE loss recovered, delta CE = CE_spliced - CE_clean (nats) and mean
-    KL(clean || spliced / ablated), over `contexts` [n, T] (BOS first). The keys come in that order, delta CE
-    and KL right after CE loss recovered: a ratio alone hides its scale ("0.89 recovered" can be +1.8 nats)."""
+    KL(clean || spliced / ablated), over `contexts` [n, T] (BOS first) and every predicted position (t < T - 1).
+    The keys come in that order, delta CE and KL right after CE loss recovered: a ratio alone hides its scale
+    ("0.89 recovered" can be +1.8 nats).
+
+    Then SAEBench 0.6.0's figures (evals/core/main.py: get_recons_loss and get_downstream_reconstruction_metrics,
+    as its scripts run them: exclude_special_tokens_from_reconstruction, ignore_tokens = `special_ids`, SAEBench's
+    BOS, EOS and PAD). S = positions whose token is in `special_ids`:
+
+        SAEBench spliced  the SAE at every position not in S (csc's spliced run when BOS is the only special token)
+        SAEBench ablated  resid_post(L) -> 0 at every position, BOS included (csc's ablation keeps BOS)
+        ce_loss_without_sae / ce_loss_with_sae / ce_loss_with_ablation
+                          mean CE, clean / SAEBench spliced / SAEBench ablated, of the predictions made at the
+                          positions t < T - 1 not in S (SAEBench drops the predictions made AT a special token)
+        kl_div_with_sae / kl_div_with_ablation
+                          mean KL(clean || SAEBench spliced / ablated) over every position not in S, the last included
+        ce_loss_score     (ce_loss_with_ablation - ce_loss_with_sae) / (ce_loss_with_ablation - ce_loss_without_sae)
+        kl_div_score      (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation
+
+    Every mean is over tokens pooled across all contexts, as SAEBench's torch.cat(...).mean() over its batches."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     sae_device = sae.W_dec.device
+    width = model.config.get_text_config().hidden_size
+    special = torch.tensor(sorted(special_ids), device=device)
 
     def through_sae(x: torch.Tensor) -> torch.Tensor:
-        x_hat = sae(x.to(sae_device, torch.float32) * scale).x_hat
-        return (x_hat / scale).to(device, dtype)
+        x_hat = sae(x.reshape(-1, x.shape[-1]).to(sae_device, torch.float32) * scale).x_hat
+        return (x_hat / scale).to(device, dtype).reshape(x.shape)
 
-    sums = {k: 0.0 for k in ("ce_clean", "ce_spliced", "ce_ablated", "kl_spliced", "kl_ablated")}
-    n = 0
+    sums = {key: 0.0 for key, *_ in _SPLICE_TERMS}
+    counts = {"csc": 0, "sb_ce": 0, "sb_kl": 0}
     for ids in contexts.split(lm_batch_size):
         ids = ids.to(device)
-        hidden = {name: _final_hidden(model, ids, layer, fn)[:, :-1].reshape(-1, model.config.get_text_config().hidden_size)
-                  for name, fn in (("clean", None), ("spliced", through_sae), ("ablated", torch.zeros_like))}
-        targets = ids[:, 1:].reshape(-1)
+        bos = torch.zeros_like(ids, dtype=torch.bool)
+        bos[:, 0] = True
+        in_s = torch.isin(ids, special)
+        runs = {"spliced": (through_sae, bos), "ablated": (torch.zeros_like, bos),
+                "sb_ablated": (torch.zeros_like, torch.zeros_like(bos))}
+        if not torch.equal(in_s, bos):  # else SAEBench's spliced run is csc's: one LM pass fewer
+            runs["sb_spliced"] = (through_sae, in_s)
+        hidden = {"clean": _final_hidden(model, ids, layer).reshape(-1, width),
+                  **{name: _final_hidden(model, ids, layer, *run).reshape(-1, width) for name, run in runs.items()}}
+        predicts = torch.ones_like(bos)
+        predicts[:, -1] = False  # the last token has no next token
+        masks = {"csc": predicts, "sb_ce": predicts & ~in_s, "sb_kl": ~in_s}
+        masks = {k: m.reshape(-1).float() for k, m in masks.items()}
+        targets = ids.roll(-1, dims=1).reshape(-1)  # ids[t + 1]; the last column is masked out
         for s in range(0, targets.numel(), chunk_tokens):
             sl = slice(s, s + chunk_tokens)
             clean = _logits(model, hidden["clean"][sl])
-            sums["ce_clean"] += metrics.token_cross_entropy(clean, targets[sl]).sum().item()
-            for name in ("spliced", "ablated"):
+            per_run = {"clean": {"ce": metrics.token_cross_entropy(clean, targets[sl])}}
+            for name in runs:
                 other = _logits(model, hidden[name][sl])
-                sums[f"ce_{name}"] += metrics.token_cross_entropy(other, targets[sl]).sum().item()
-                sums[f"kl_{name}"] += metrics.token_kl(clean, other).sum().item()
-        n += targets.numel()
-    mean = {k: v / n for k, v in sums.items()}
+                per_run[name] = {"ce": metrics.token_cross_entropy(other, targets[sl]),
+                                 "kl": metrics.token_kl(clean, other)}
+            per_run.setdefault("sb_spliced", per_run["spliced"])
+            for key, run, kind, tokens in _SPLICE_TERMS:
+                sums[key] += (per_run[run][kind] * masks[tokens][sl]).sum().item()
+        for k, m in masks.items():
+            counts[k] += int(m.sum().item())
+    mean = {key: sums[key] / counts[tokens] for key, _, _, tokens in _SPLICE_TERMS}
     return {"ce_clean": mean["ce_clean"], "ce_spliced": mean["ce_spliced"], "ce_ablated": mean["ce_ablated"],
             "ce_loss_recovered": metrics.ce_loss_recovered(mean["ce_clean"], mean["ce_spliced"], mean["ce_ablated"]),
             "delta_ce": mean["ce_spliced"] - mean["ce_clean"], "kl_spliced": mean["kl_spliced"],
-            "kl_ablated": mean["kl_ablated"], "ce_tokens": float(n)}
+            "kl_ablated": mean["kl_ablated"], "ce_tokens": float(counts["csc"]),
+            "ce_loss_score": metrics.ce_loss_recovered(mean["ce_loss_without_sae"], mean["ce_loss_with_sae"],
+                                                       mean["ce_loss_with_ablation"]),
+            "ce_loss_with_sae": mean["ce_loss_with_sae"], "ce_loss_without_sae": mean["ce_loss_without_sae"],
+            "ce_loss_with_ablation": mean["ce_loss_with_ablation"],
+            "kl_div_score": metrics.kl_div_score(mean["kl_div_with_sae"], mean["kl_div_with_ablation"]),
+            "kl_div_with_sae": mean["kl_div_with_sae"], "kl_div_with_ablation": mean["kl_div_with_ablation"]}
 
 
 @torch.no_grad()
@@ -145,3 +210,44 @@ def reconstruction_scores(sae: SparseAutoencoder, batches: Iterable[ActivationBa
     scores["code_sim_positive"] = pos_sum / n_contrast
     scores["code_sim_negative"] = neg_sum / n_pairs
     return scores, metrics.feature_density_histogram(stats.fire_counts, stats.n)
+
+
+@torch.no_grad()
+def saebench_sparsity_scores(sae: SparseAutoencoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                             special_ids: Collection[int]) -> dict[str, float]:
+    """SAEBench 0.6.0's sparsity and legacy variance figures (evals/core/main.py: get_sparsity_and_variance_metrics,
+    ignore_tokens = `special_ids`) over `batches` of whole contexts: (x [n, T, d] scaled activations, tokens [n, T]),
+    SAEBench's batches of SAEBENCH_BATCH_PROMPTS contexts. Over the tokens i not in `special_ids`, every one
+    weighing the same whatever its batch:
+
+        saebench_l0               = mean_i #{j: z_ij != 0}
+        saebench_l1               = mean_i sum_j z_ij          (SAEBench's plain sum; csc's l1 divides by sqrt(d))
+        explained_variance_legacy = mean_i 1 - ||x_i - x_hat_i||^2 / ||x_i - mean_B(x)||^2,  B = the tokens not in
+                                    `special_ids` of i's batch (metrics.explained_variance_legacy)
+
+    Codes are csc's on scaled activations, which are the export's codes on raw ones (csc.sae.export), and both
+    ratios are scale-free. SAEBench samples n_eval_sparsity_variance_batches batches; this reads every one given."""
+    device = sae.W_dec.device
+    special = torch.tensor(sorted(special_ids))
+    n, l0, l1, ev = 0, 0.0, 0.0, 0.0
+    for x, tokens in batches:
+        x = x[~torch.isin(tokens, special)].to(device)
+        out = sae(x)
+        n += x.shape[0]
+        l0 += (out.z != 0).sum().item()
+        l1 += out.z.double().sum().item()
+        ev += metrics.explained_variance_legacy(x.double(), out.x_hat.double()).sum().item()
+    if n == 0:
+        raise CscError("no held-out token outside BOS/EOS/PAD: SAEBench's figures are undefined")
+    return {"explained_variance_legacy": ev / n, "saebench_l0": l0 / n, "saebench_l1": l1 / n}
+
+
+@torch.no_grad()
+def locality_scores(sae: SparseAutoencoder, contexts: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Context locality (csc.sae.locality: context_locality, context_locality_weighted) of the codes of `contexts`,
+    batches [n, T, d] of whole contexts' scaled activations, tokens in order."""
+    loc = ContextLocality(sae.cfg.dict_size)
+    for x in contexts:
+        n, T, d = x.shape
+        loc.update(sae.encode(x.reshape(-1, d).to(sae.W_dec.device)).reshape(n, T, -1))
+    return loc.result()

@@ -7,6 +7,7 @@ A run folder holds:
     sae/               the exported SAE: sae_weights.safetensors + cfg.json (SAELens layout)
     eval.json          held-out metrics of the exported SAE
     curves.png         training curves; density.png: feature-density histogram on held-out tokens
+    dashboard.html     feature dashboard of the exported SAE (csc.pipeline.dashboard), one self-contained file
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from csc.activations.pairing import FIRST_ANCHOR
+from csc.activations.probe_labels import ProbeLabels
 from csc.activations.source import Activations, ShardSource, shard_batches
 from csc.config import TrainRunSpec
 from csc.errors import CscError
-from csc.pipeline import plots
-from csc.pipeline.evaluate import reconstruction_scores, splice_scores
+from csc.pipeline import dashboard, plots
+from csc.pipeline.evaluate import (SAEBENCH_BATCH_PROMPTS, locality_scores, reconstruction_scores,
+                                   saebench_sparsity_scores, special_token_ids, splice_scores)
+from csc.pipeline.probing import PROBING_METRICS, held_out_labels, probing_scores
 from csc.sae.batch import ActivationBatch
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.export import HookInfo, load_sae, save_sae
@@ -93,6 +98,7 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
               callback: Callable[[Metrics], None] | None = None, progress: bool = True) -> dict[str, float]:
     """Train, checkpoint, export and evaluate; returns the held-out metrics."""
     acts = acts or Activations(spec)
+    labels = held_out_labels(spec, acts)  # before training: a corpus that cannot be probed fails now
     sae_cfg = spec.sae.model_copy(update={"d_in": acts.d_model})
     ckpt = out / "checkpoint"
     if resume and (ckpt / "trainer_state.json").is_file():
@@ -118,7 +124,7 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
         log.close()
     train_seconds = time.perf_counter() - t0
     save_sae(trainer.model, out / "sae", hook_info(spec, acts.scale))
-    results, hist = evaluate_run(spec, trainer.model, acts)
+    results, hist = evaluate_run(spec, trainer.model, acts, labels=labels)
     a = spec.activations
     plots.training_curves([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
                           out / "curves.png", title=f"{spec.model.name} layer {a.layer}, {trainer.sae_cfg.architecture}, "
@@ -129,35 +135,59 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
     if trainer.tokens > tokens0:
         results["train_tokens_per_s"] = (trainer.tokens - tokens0) / train_seconds
     (out / "eval.json").write_text(json.dumps(results, indent=1))
+    (out / dashboard.FILE).write_text(dashboard.build(spec, trainer.model, acts, results))
     return results
 
 
 def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
-                 splice: Callable[[SparseAutoencoder], dict[str, float]] | None = None
-                 ) -> tuple[dict[str, float], DensityHistogram]:
-    """Held-out reconstruction and contrastive metrics over every eval token, and CE/KL over `eval.ce_contexts`
-    contexts. Held-out batches have the training batch size (capped to the held-out anchors), so held-out nce
-    has the training nce's negatives per anchor and the same chance level.
+                 splice: Callable[[SparseAutoencoder], dict[str, float]] | None = None,
+                 labels: ProbeLabels | None = None) -> tuple[dict[str, float], DensityHistogram]:
+    """Held-out reconstruction and contrastive metrics over every eval token, context locality over every eval
+    context, and CE/KL (with SAEBench's figures) over `eval.ce_contexts` contexts. Held-out batches have the
+    training batch size (capped to the held-out anchors), so held-out nce has the training nce's negatives per
+    anchor and the same chance level.
 
-    `splice` measures CE/KL where the LM lives (the sweep's producer actor); by default `acts` holds it."""
+    Locality needs each context's tokens in order, which the held-out batches shuffle and spread over several
+    batches: it reads the shards again, whole contexts of anchors (positions >= FIRST_ANCHOR, the tokens of every
+    held-out figure), about a training batch of anchors at a time so that the codes fit where training's did.
+    `splice` measures what needs the LM or its tokenizer where the LM lives (the sweep's producer actor); by
+    default `acts` holds it. Sparse probing (csc.pipeline.probing) pools codes over `labels`, the probing set that
+    the tokenizer's holder derives (held_out_labels); by default from `acts`."""
     sae = sae.to("cpu").eval()
     size = min(spec.trainer.batch_size, _eval_anchors(acts))
     batches = shard_batches(acts, "eval", size, drop_last=False)
     results, hist = reconstruction_scores(sae, batches, temperature=spec.trainer.temperature,
                                           hard_negatives=spec.trainer.hard_negatives,
                                           latents=spec.trainer.nce_latent_count(sae.cfg.dict_size))
+    per_batch = max(1, size // (spec.activations.context_length - FIRST_ANCHOR))
+    results.update(locality_scores(sae, (x[:, FIRST_ANCHOR:] for x, _ in _held_out_contexts(acts, per_batch))))
     results.update(splice(sae) if splice is not None else splice_run(spec, sae, acts))
+    results.update(probing_scores(spec, sae, acts, labels if labels is not None else held_out_labels(spec, acts)))
     return results, hist
 
 
 def splice_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: Activations) -> dict[str, float]:
-    """CE/KL with `sae` spliced into the LM, over the first `eval.ce_contexts` held-out contexts."""
+    """What needs the LM or its tokenizer: CE/KL with `sae` spliced into the LM over the first `eval.ce_contexts`
+    held-out contexts (csc's and SAEBench's), and SAEBench's sparsity and legacy variance figures over every
+    held-out context (they drop the tokenizer's BOS/EOS/PAD tokens)."""
     e = spec.eval
     S = spec.activations.contexts_per_shard
     n_ctx = min(e.ce_contexts, acts.n_shards["eval"] * S)
     contexts = torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
-    return splice_scores(acts.lm.model, sae, contexts, spec.activations.layer, acts.scale,
-                         lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens)
+    special = special_token_ids(acts.lm)
+    results = splice_scores(acts.lm.model, sae, contexts, spec.activations.layer, acts.scale, special,
+                            lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens)
+    results.update(saebench_sparsity_scores(sae, _held_out_contexts(acts, SAEBENCH_BATCH_PROMPTS), special))
+    return results
+
+
+def _held_out_contexts(acts: ShardSource, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every held-out context in order, up to `size` of one shard at a time: (scaled activations [n, T, d],
+    tokens [n, T])."""
+    for i in range(acts.n_shards["eval"]):
+        sh = acts.shard("eval", i)
+        for s in range(0, sh.tokens.shape[0], size):
+            yield sh.acts[s:s + size].float() * acts.scale, sh.tokens[s:s + size]
 
 
 def _eval_anchors(acts: ShardSource) -> int:
@@ -166,7 +196,8 @@ def _eval_anchors(acts: ShardSource) -> int:
 
 
 def evaluate_saved(run_dir: Path) -> dict[str, float]:
-    """`csc eval`: reload an exported SAE and the spec of its run, and measure it again."""
+    """`csc eval`: reload an exported SAE and the spec of its run, measure it again and rewrite its dashboard
+    (dashboard.html in the run folder)."""
     sae_dir = run_dir / "sae" if (run_dir / "sae").is_dir() else run_dir
     spec_path = sae_dir.parent / SPEC_FILE
     if not spec_path.is_file():
@@ -177,7 +208,9 @@ def evaluate_saved(run_dir: Path) -> dict[str, float]:
     if abs(meta["csc_norm_scale"] - acts.scale) > 1e-6 * acts.scale:
         raise CscError(f"{sae_dir}: the SAE was trained with normalisation scale {meta['csc_norm_scale']}, "
                        f"the activation cache now gives {acts.scale}")
-    return evaluate_run(spec, sae, acts)[0]
+    results = evaluate_run(spec, sae, acts)[0]
+    (sae_dir.parent / dashboard.FILE).write_text(dashboard.build(spec, sae, acts, results))
+    return results
 
 
 METRIC_ORDER = [
@@ -188,6 +221,16 @@ METRIC_ORDER = [
     ("kl_ablated", "KL(clean || ablated)"), ("decoder_mean_max_cos", "decoder mean max |cos|"),
     ("nce", "InfoNCE (held out)"), ("nce_chance", "InfoNCE at chance"),
     ("code_sim_positive", "code cos, positive pairs"), ("code_sim_negative", "code cos, other sequences"),
+    ("context_locality", "context locality, median latent"),
+    ("context_locality_weighted", "context locality, firing-weighted"),
+    ("ce_loss_score", "SAEBench ce_loss_score"), ("ce_loss_with_sae", "SAEBench ce_loss_with_sae"),
+    ("ce_loss_without_sae", "SAEBench ce_loss_without_sae"),
+    ("ce_loss_with_ablation", "SAEBench ce_loss_with_ablation"),
+    ("kl_div_score", "SAEBench kl_div_score"), ("kl_div_with_sae", "SAEBench kl_div_with_sae"),
+    ("kl_div_with_ablation", "SAEBench kl_div_with_ablation"),
+    ("explained_variance_legacy", "SAEBench explained_variance_legacy"), ("saebench_l0", "SAEBench l0"),
+    ("saebench_l1", "SAEBench l1"),
+    *PROBING_METRICS,
     ("tokens", "held-out tokens"), ("ce_tokens", "CE tokens"),
     ("train_steps", "training steps"), ("train_tokens", "training tokens"), ("train_tokens_per_s", "training tokens/s"),
 ]

@@ -39,6 +39,19 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return 1 - residual / total
 
 
+def explained_variance_legacy(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Per-token explained variance [N] of SAEBench 0.6.0's `explained_variance_legacy` (evals/core/main.py:
+    get_sparsity_and_variance_metrics):
+
+        ev_i = 1 - ||x_i - x_hat_i||^2 / ||x_i - mean_B(x)||^2,   mean_B over the rows given (SAEBench's batch)
+
+    SAEBench reports the mean of ev_i over all tokens of all batches. Unlike `explained_variance` (one ratio of
+    sums) every token weighs the same, so one token near its batch's mean can pull it far down. SAEBench's plain
+    `explained_variance` is not copied: its total variance E||x||^2 - (mean_d E[x_d^2])^2 squares a second moment
+    where sum_d E[x_d]^2 is meant."""
+    return 1 - (x - x_hat).pow(2).sum(dim=-1) / (x - x.mean(dim=0)).pow(2).sum(dim=-1)
+
+
 def normalized_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / x.pow(2).sum()
 
@@ -119,6 +132,16 @@ def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> 
     if ce_ablated == ce_clean:
         raise CscError("CE loss recovered is undefined: zero-ablation CE equals the clean CE")
     return (ce_ablated - ce_spliced) / (ce_ablated - ce_clean)
+
+
+def kl_div_score(kl_spliced: float, kl_ablated: float) -> float:
+    """(KL_ablated - KL_spliced) / KL_ablated, SAEBench's `kl_div_score` (evals/core/main.py:
+    get_downstream_reconstruction_metrics), KLs from the clean model: 1 = the SAE leaves the output distribution
+    as it is, 0 = it moves it as far as zero-ablating the layer. (SAEBench's `ce_loss_score` is `ce_loss_recovered`'s
+    formula.)"""
+    if kl_ablated == 0:
+        raise CscError("kl_div_score is undefined: zero-ablation leaves the output distribution unchanged")
+    return (kl_ablated - kl_spliced) / kl_ablated
 
 
 def decoder_max_cosine(W_dec: torch.Tensor) -> float:

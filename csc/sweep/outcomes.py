@@ -4,9 +4,12 @@ A Tune callback (TrialRecords, on the driver) writes, as trials end:
     trial_NN/sae/        the SAE of the trial's last checkpoint (finished and stopped-early trials), exported
                          in SAELens layout by the trial itself (the checkpoint's sae/)
     trial_NN/curves.png  its training curves, from every report it made (Tune's result.json)
+    trial_NN/dashboard.html
+                         a finished trial's feature dashboard (csc.pipeline.dashboard), made by the trial
     trial_NN/error.txt   a failed trial's traceback
-and, when the sweep ends, its reports: trials.json (what `csc report` reads), trials.csv, pareto.png,
-progression.png (csc.sweep.report). Each of those is then handed to the tracker, if the sweep has one
+and, when the sweep ends, its reports (csc.sweep.report): trials.json (what `csc report` reads), trials.csv,
+pareto.png, progression.png and, where configurations ran over several seeds, configs.json and configs.csv (each
+configuration's mean and spread over its seeds). Each of those is then handed to the tracker, if the sweep has one
 (csc.sweep.tracking); the files never wait for it.
 
 A trial's outcome: finished (trained all its steps), stopped_early (the scheduler stopped it, see
@@ -28,7 +31,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT, TRIAL_ID
 
-from csc.pipeline import plots
+from csc.pipeline import dashboard, plots
 from csc.sweep import report
 from csc.sweep.scheduler import stopped_by_scheduler
 from csc.sweep.spec import SweepSpec
@@ -36,6 +39,9 @@ from csc.sweep.tracking import Tracker
 
 TRIALS_FILE = "trials.json"
 REPORTS = (TRIALS_FILE, "trials.csv", "pareto.png", "progression.png")
+CONFIGS_FILE = "configs.json"
+CONFIG_REPORTS = (CONFIGS_FILE, "configs.csv")
+"""Written where configurations ran over several seeds: one row per configuration, mean and spread over them."""
 NOT_METRICS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, SHOULD_CHECKPOINT, EXPERIMENT_TAG, TRIAL_ID, "step"))
 """Keys of a Tune result that are not the trial's figures: what Tune adds to every report, and the step
 (the x axis of every figure)."""
@@ -112,12 +118,22 @@ def trial_row(trial: Trial, spec: SweepSpec, sweep_dir: str | Path, status: str 
 
 
 def write_reports(rows: list[dict[str, Any]], sweep_dir: Path) -> list[Path]:
-    """The sweep's reports from its trial rows; returns their paths (REPORTS, in order)."""
+    """The sweep's reports from its trial rows; returns their paths (REPORTS, in order, then CONFIG_REPORTS where
+    configurations ran over several seeds: each trial row then names its configuration)."""
+    configs = report.configurations(rows)
+    repeated = report.repeated(configs)
+    if repeated:
+        config_of = {t: c["config"] for c in configs for t in c["trials"]}
+        rows = [{**r, "config": config_of[r["trial"]]} for r in rows]
     (sweep_dir / TRIALS_FILE).write_text(json.dumps(rows, indent=1))
     report.write_trials_table(rows, sweep_dir / "trials.csv")
     report.pareto_plot(rows, sweep_dir / "pareto.png")
     report.progression_plot(rows, sweep_dir / "progression.png")
-    return [sweep_dir / name for name in REPORTS]
+    if not repeated:
+        return [sweep_dir / name for name in REPORTS]
+    (sweep_dir / CONFIGS_FILE).write_text(json.dumps(configs, indent=1))
+    report.write_configs_table(configs, sweep_dir / "configs.csv")
+    return [sweep_dir / name for name in REPORTS + CONFIG_REPORTS]
 
 
 class TrialRecords(Callback):
@@ -190,8 +206,9 @@ class TrialRecords(Callback):
                                                    "csc.last_retry_reason": error_reason(_error_text(trial))})
 
     def _keep(self, trial: Trial, row: dict[str, Any]) -> list[Path]:
-        """The SAE of the trial's last checkpoint and its curves, in its folder; returns what the tracker keeps:
-        those and the held-out figures (eval.json, from the final checkpoint, on the sweep's storage)."""
+        """The SAE of the trial's last checkpoint, its curves and (finished) its dashboard, in its folder; returns
+        what the tracker keeps: those and the held-out figures (eval.json, from the final checkpoint, on the sweep's
+        storage)."""
         local, kept = self._trial_dir(trial), []
         if trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as d:
@@ -200,6 +217,9 @@ class TrialRecords(Callback):
                     kept.append(local / "sae")
                 if (Path(d) / "eval.json").is_file():
                     kept.append(Path(d) / "eval.json")
+                if (Path(d) / dashboard.FILE).is_file():
+                    shutil.copy2(Path(d) / dashboard.FILE, local / dashboard.FILE)
+                    kept.append(local / dashboard.FILE)
         history = reported_history(trial)
         if history:
             title = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())

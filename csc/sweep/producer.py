@@ -2,7 +2,9 @@
 
 A shard comes from the producer's memory, else from the disk cache, else from the LM, and the LM never
 runs twice for one shard: requests for a shard already being made wait for it. All LM work (shards,
-prefetch, CE/KL evaluation of a trial's SAE) runs on one thread, so the model is never used concurrently.
+prefetch, CE/KL evaluation of a trial's SAE, its dashboard's logit tables and token strings) runs on one thread,
+so the model is never used concurrently; so does the tokenizer's one job, the sparse-probing set, made once and
+handed to every trial. Besides the spec's shards, it serves the held-out shards that set reads.
 After serving shard i the producer prefetches the next ones, since every trial reads them in order.
 
 Trials use `RemoteActivations`, which looks like `csc.activations.source.Activations` to the training
@@ -19,8 +21,11 @@ from typing import Any
 import ray
 import torch
 
+from csc.activations.probe_labels import ProbeLabels
 from csc.activations.source import Activations, Shard, Split
 from csc.config import TrainRunSpec
+from csc.pipeline.dashboard import LmTables, lm_tables
+from csc.pipeline.probing import held_out_labels
 from csc.pipeline.run import splice_run
 from csc.sae.archs import build_sae
 from csc.sae.config import parse_sae_config
@@ -51,16 +56,27 @@ class ActivationProducer:
         self._memory: OrderedDict[tuple[Split, int], Shard] = OrderedDict()
         self._held = 0
         self._pending: dict[tuple[Split, int], Future] = {}
+        self._labels: Future | None = None
         self.counts = {"requests": 0, "memory_hits": 0, "waited_on_pending": 0, "evaluations": 0}
 
     def info(self) -> dict[str, Any]:
         return {"d_model": self.acts.d_model, "n_shards": dict(self.acts.n_shards),
                 "scale": self._lm.submit(lambda: self.acts.scale).result()}
 
+    def probe_labels(self) -> ProbeLabels:
+        """The sparse-probing set (csc.pipeline.probing.held_out_labels), made once; its error, if it has one,
+        again on every call."""
+        with self._lock:
+            if self._labels is None:
+                self._labels = self._lm.submit(held_out_labels, self.spec, self.acts)
+        return self._labels.result()
+
     def shard(self, split: Split, i: int) -> Shard:
-        if not 0 <= i < self.acts.n_shards[split]:
+        # Beyond the spec's shards only the held-out ones that probing reads: any other index is a bug.
+        if not (0 <= i < self.acts.n_shards[split] or split == "eval" and i in self._probing_shards()):
             raise IndexError(f"{split} shard {i} does not exist: the spec's token budget makes "
-                             f"{self.acts.n_shards[split]} shards")
+                             f"{self.acts.n_shards[split]} shards"
+                             + (", and sparse probing does not read it" if split == "eval" else ""))
         key = (split, i)
         with self._lock:
             self.counts["requests"] += 1
@@ -79,6 +95,9 @@ class ActivationProducer:
                     if (split, j) not in self._memory:
                         self._submit((split, j))
         return hit if hit is not None else fut.result()
+
+    def _probing_shards(self) -> list[int]:
+        return self.probe_labels().shards(self.spec.activations.contexts_per_shard)
 
     def _submit(self, key: tuple[Split, int]) -> Future:
         """The one future that makes shard `key` (caller holds the lock)."""
@@ -107,6 +126,10 @@ class ActivationProducer:
         with self._lock:  # trials call in parallel (max_concurrency)
             self.counts["evaluations"] += 1
         return self._lm.submit(splice_run, self.spec, sae, self.acts).result()
+
+    def logit_tables(self, directions: torch.Tensor, token_ids: list[int]) -> LmTables:
+        """A trial's dashboard: the logit lens of its latents' decoder directions and the text of its tokens."""
+        return self._lm.submit(lambda: lm_tables(self.acts.lm, directions, token_ids)).result()
 
     def stats(self) -> dict[str, float | str]:
         with self._lock:
@@ -147,10 +170,18 @@ class RemoteActivations:
             ref = self._next[1]
         else:
             ref = self.actor.shard.remote(split, i)
-        nxt = (i + 1) % self.n_shards[split]  # a training pass wraps around to shard 0
-        self._next = ((split, nxt), self.actor.shard.remote(split, nxt))
+        self._next = None
+        if i < self.n_shards[split]:  # beyond, a probing shard: which one follows is probing's to know
+            nxt = (i + 1) % self.n_shards[split]  # a training pass wraps around to shard 0
+            self._next = ((split, nxt), self.actor.shard.remote(split, nxt))
         return ray.get(ref)
+
+    def probe_labels(self) -> ProbeLabels:
+        return ray.get(self.actor.probe_labels.remote())
 
     def splice(self, sae: SparseAutoencoder) -> dict[str, float]:
         state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
         return ray.get(self.actor.splice.remote(sae.cfg.model_dump(), state))
+
+    def logit_tables(self, directions: torch.Tensor, token_ids: list[int]) -> LmTables:
+        return ray.get(self.actor.logit_tables.remote(directions.detach().cpu(), token_ids))

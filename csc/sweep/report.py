@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 import re
+import statistics
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ LM ("0.89 recovered" can be +1.8 nats), delta CE (nats) and KL(clean || SAE) do 
 EVAL_SHOWN = ["eval/explained_variance", *CE_HEADLINE]
 OUTCOMES = {"finished": "tab:green", "stopped_early": "tab:orange", "failed": "tab:red", "running": "tab:blue"}
 GAMMA = "trainer.gamma"
+SEED = "trainer.seed"
+"""The searched field that tells a configuration's runs apart (sweep.seeds sets it; a grid may search it)."""
 
 
 def _is_num(v: Any) -> bool:
@@ -71,15 +75,75 @@ def metric_columns(rows: list[dict]) -> list[str]:
 
 
 def write_trials_table(rows: list[dict], path_csv: str | Path) -> None:
-    """One CSV row per trial: name, outcome, steps, searched params (sorted union), last metrics, failure reason."""
+    """One CSV row per trial: name, its configuration where rows name one (configs.csv's), outcome, steps, searched
+    params (sorted union), last metrics, failure reason."""
     params, metrics = _params(rows), metric_columns(rows)
+    linked = ["config"] if any("config" in r for r in rows) else []
     with open(path_csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial", "outcome", "steps_done", "steps_total", *params, *metrics, "reason"])
+        w.writerow(["trial", *linked, "outcome", "steps_done", "steps_total", *params, *metrics, "reason"])
         for r in rows:
             p, m = r.get("params") or {}, r.get("metrics") or {}
-            w.writerow([r.get("trial"), r.get("outcome"), r.get("steps_done"), r.get("steps_total"),
-                        *(p.get(k) for k in params), *(m.get(k) for k in metrics), r.get("reason")])
+            w.writerow([r.get("trial"), *(r.get(k) for k in linked), r.get("outcome"), r.get("steps_done"),
+                        r.get("steps_total"), *(p.get(k) for k in params), *(m.get(k) for k in metrics),
+                        r.get("reason")])
+
+
+def configuration_key(params: dict) -> str:
+    """A trial's configuration as one comparable string: its searched values less the seed."""
+    return json.dumps({k: v for k, v in params.items() if k != SEED}, sort_keys=True, default=str)
+
+
+def configurations(rows: list[dict]) -> list[dict]:
+    """One row per configuration (the trials whose searched values, trainer.seed aside, are equal), in the order
+    of their first trial:
+        config        config_NN, NN counting the configurations from 1
+        trials, seeds its trials' names and their trainer.seed (None where the seed is not searched)
+        outcome       finished when all its trials finished; else running if one is, else failed if one failed,
+                      else stopped_early
+        params        its searched values less the seed; dict_size, steps_total; steps_done: its trials' least
+        n             how many of its trials finished
+        metrics       the mean over its finished trials of each figure all of them have
+        spread        their sample standard deviation (n - 1 in the denominator), where n >= 2
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(configuration_key(r.get("params") or {}), []).append(r)
+    configs = []
+    for i, trials in enumerate(groups.values(), 1):
+        outcomes = {t.get("outcome") for t in trials}
+        done = [t.get("metrics") or {} for t in trials if t.get("outcome") == "finished"]
+        keys = [k for k in done[0] if all(_num(d.get(k)) is not None for d in done)] if done else []
+        configs.append({
+            "config": f"config_{i:02d}", "trials": [t.get("trial") for t in trials],
+            "seeds": [(t.get("params") or {}).get(SEED) for t in trials],
+            "outcome": "finished" if outcomes == {"finished"} else next(
+                o for o in ("running", "failed", "stopped_early", "finished") if o in outcomes),
+            "params": {k: v for k, v in (trials[0].get("params") or {}).items() if k != SEED},
+            "dict_size": trials[0].get("dict_size"), "steps_total": trials[0].get("steps_total"),
+            "steps_done": min(t.get("steps_done") or 0 for t in trials), "n": len(done),
+            "metrics": {k: statistics.fmean(d[k] for d in done) for k in keys},
+            "spread": {k: statistics.stdev(d[k] for d in done) for k in keys} if len(done) > 1 else {}})
+    return configs
+
+
+def repeated(configs: list[dict]) -> bool:
+    """Whether some configuration ran more than once (over seeds): the reports then show configurations."""
+    return any(len(c["trials"]) > 1 for c in configs)
+
+
+def write_configs_table(configs: list[dict], path_csv: str | Path) -> None:
+    """One CSV row per configuration: name, outcome, seeds run and finished, its trials, searched params less the
+    seed, then per metric its mean and sample standard deviation over the finished seeds."""
+    params, metrics = _params(configs), metric_columns(configs)
+    with open(path_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "outcome", "seeds", "finished", "trials", *params,
+                    *(f"{m} {stat}" for m in metrics for stat in ("mean", "std"))])
+        for c in configs:
+            w.writerow([c["config"], c["outcome"], len(c["trials"]), c["n"], " ".join(map(str, c["trials"])),
+                        *(c["params"].get(k) for k in params),
+                        *(v for m in metrics for v in (c["metrics"].get(m), c["spread"].get(m)))])
 
 
 def pareto_front(points: list[tuple[float, float]], minimize_x: bool = True, maximize_y: bool = True) -> list[int]:
@@ -105,24 +169,39 @@ def _gamma_scale(rows: list[dict]) -> plt.cm.ScalarMappable | None:
 
 
 def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
+    """pareto_figure(rows), as a PNG."""
+    fig = pareto_figure(rows)
+    fig.savefig(path_png, dpi=90)
+    plt.close(fig)
+
+
+def pareto_figure(rows: list[dict]) -> plt.Figure:
     """L0 vs (a) explained variance, (b) CE loss recovered, and its scale: (c) delta CE in nats, (d) KL(clean || SAE);
-    front of the finished trials (low L0; high y for (a), (b), low y for (c), (d))."""
+    front of the finished trials (low L0; high y for (a), (b), low y for (c), (d)). Where configurations ran over
+    several seeds (`repeated`), a finished point is a configuration all of whose seeds finished: the mean over
+    them, with error bars of one standard deviation each way."""
 
     def colour(r: dict, default: str) -> Any:
         g = _num((r.get("params") or {}).get(GAMMA))
         return default if sm is None else "0.5" if g is None else sm.to_rgba(g)
 
-    def xy(outcome: str, xkey: str, ykey: str) -> list[tuple[float, float, dict]]:
-        pts = [(_num(_raw(r, xkey)), _num(_raw(r, ykey)), r) for r in rows if r.get("outcome") == outcome]
+    def xy(points: list[dict], xkey: str, ykey: str) -> list[tuple[float, float, dict, float, float]]:
+        pts = [(_num(_raw(r, xkey)), _num(_raw(r, ykey)), r, (r.get("spread") or {}).get(xkey, 0.0),
+                (r.get("spread") or {}).get(ykey, 0.0)) for r in points]
         return [p for p in pts if p[0] is not None and p[1] is not None]
 
+    configs = configurations(rows)
+    by_config = repeated(configs)
+    finished = [c for c in configs if c["outcome"] == "finished"] if by_config else \
+        [r for r in rows if r.get("outcome") == "finished"]
     # Held-out figures for finished trials; stopped-early trials only have their last training-batch averages,
     # so they are drawn apart and kept out of the front.
-    panels = [("(a) explained variance", xy("finished", "eval/l0", "eval/explained_variance"),
-               xy("stopped_early", "l0", "ev"), True),
-              ("(b) CE loss recovered", xy("finished", "eval/l0", "eval/ce_loss_recovered"), [], True),
-              ("(c) delta CE (nats)", xy("finished", "eval/l0", "eval/delta_ce"), [], False),
-              ("(d) KL(clean || SAE)", xy("finished", "eval/l0", "eval/kl_spliced"), [], False)]
+    early = [r for r in rows if r.get("outcome") == "stopped_early"]
+    panels = [("(a) explained variance", xy(finished, "eval/l0", "eval/explained_variance"), xy(early, "l0", "ev"),
+               True),
+              ("(b) CE loss recovered", xy(finished, "eval/l0", "eval/ce_loss_recovered"), [], True),
+              ("(c) delta CE (nats)", xy(finished, "eval/l0", "eval/delta_ce"), [], False),
+              ("(d) KL(clean || SAE)", xy(finished, "eval/l0", "eval/kl_spliced"), [], False)]
     # Scaled on the trials drawn, so a failed trial's extreme gamma does not squeeze the colours.
     sm = _gamma_scale([p[2] for _, fin, early, _ in panels for p in fin + early])
     fig, axes = plt.subplots(2, 2, figsize=(13, 10), layout="constrained")
@@ -131,10 +210,14 @@ def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
         if fin:
             ax.scatter([p[0] for p in fin], [p[1] for p in fin], c=[colour(p[2], "tab:green") for p in fin],
                        edgecolors="k", linewidths=0.5, s=45, zorder=3)
-            front = [fin[i] for i in pareto_front([(x, y) for x, y, _ in fin], maximize_y=higher_better)]
+            if by_config:
+                ax.errorbar([p[0] for p in fin], [p[1] for p in fin], xerr=[p[3] for p in fin],
+                            yerr=[p[4] for p in fin], fmt="none", ecolor="0.35", elinewidth=0.8, capsize=2, zorder=2)
+            front = [fin[i] for i in pareto_front([p[:2] for p in fin], maximize_y=higher_better)]
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, zorder=2)
             handles += [Line2D([], [], ls="", marker="o", mfc=colour({}, "tab:green"), mec="k",
-                               label="finished (held-out eval)"),
+                               label="finished configuration (c<n>): mean ± std over its seeds, held-out eval"
+                               if by_config else "finished (held-out eval)"),
                         Line2D([], [], color="k", lw=1, label="Pareto front (finished)")]
         else:
             ax.text(0.5, 0.95, "no finished trial reports it", transform=ax.transAxes, ha="center", va="top",
@@ -144,8 +227,9 @@ def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
                        facecolors="none", edgecolors=[colour(p[2], "tab:orange") for p in early])
             handles.append(Line2D([], [], ls="", marker="s", mfc="none", mec=colour({}, "tab:orange"),
                                   label="stopped early (training batch figures)"))
-        for x, y, r in fin + early:
-            ax.annotate(_short(str(r.get("trial", ""))), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+        for x, y, r, _, _ in fin + early:
+            name = _short(str(r["trial"])) if "trial" in r else "c" + _short(str(r["config"]))
+            ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
         if _spans_decade([p[0] for p in fin + early]):
             ax.set_xscale("log")
         ax.set(xlabel="L0 (active latents per token)", ylabel=label[4:], title=f"{label} vs L0")
@@ -154,8 +238,7 @@ def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
             ax.legend(handles=handles, fontsize=8, loc="best")
     if sm is not None:
         fig.colorbar(sm, ax=axes, label="trainer.gamma", shrink=0.9)
-    fig.savefig(path_png, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def progression_plot(rows: list[dict], path_png: str | Path) -> None:
@@ -205,8 +288,9 @@ def progression_plot(rows: list[dict], path_png: str | Path) -> None:
 
 
 def best_trials(rows: list[dict], objectives: list[tuple[str, str]], n: int = 5) -> list[dict]:
-    """Non-failed trials having every objective metric: the n best on a single objective, else the Pareto set (no
-    other trial at least as good on all objectives and better on one, all of it, n unused), by the first objective."""
+    """Non-failed rows (trials, or configurations: see `configurations`) having every objective metric: the n best
+    on a single objective, else the Pareto set (no other row at least as good on all objectives and better on one,
+    all of it, n unused), by the first objective."""
     if not objectives or any(mode not in ("min", "max") for _, mode in objectives):
         raise ValueError(f"objectives must be (metric, 'min' | 'max') pairs, got {objectives!r}")
     cand = []
@@ -221,17 +305,25 @@ def best_trials(rows: list[dict], objectives: list[tuple[str, str]], n: int = 5)
 
 
 def format_best(rows_best: list[dict], objectives: list[tuple[str, str]], params: list[str]) -> str:
-    """Fixed-width table: trial, outcome, steps done/total, params, objectives, held-out EV and CE recovered with
-    delta CE and KL (EVAL_SHOWN)."""
+    """Fixed-width table: trial (or configuration and its number of seeds), outcome, steps done/total, params,
+    objectives, held-out EV and CE recovered with delta CE and KL (EVAL_SHOWN); a configuration's figures are
+    `mean ± std` over its seeds."""
     keys = [k for k, _ in objectives]
     extra = [k for k in EVAL_SHOWN if k not in keys and any(k in (r.get("metrics") or {}) for r in rows_best)]
+    by_config = any("trials" in r for r in rows_best)
 
     def cell(v: Any) -> str:
         return "-" if v is None else str(v) if isinstance(v, (int, str)) else f"{v:.4g}" if _is_num(v) else str(v)
 
-    header = ["trial", "outcome", "steps", *params, *(f"{k} ({m})" for k, m in objectives), *extra]
-    body = [[cell(r.get("trial")), cell(r.get("outcome")), f"{cell(r.get('steps_done'))}/{cell(r.get('steps_total'))}",
-             *(cell((r.get("params") or {}).get(p)) for p in params), *(cell(_raw(r, k)) for k in keys + extra)]
+    def figure(r: dict, key: str) -> str:
+        std = (r.get("spread") or {}).get(key)
+        return cell(_raw(r, key)) + ("" if std is None else f" ± {std:.2g}")
+
+    header = ["configuration", "seeds"] if by_config else ["trial"]
+    header += ["outcome", "steps", *params, *(f"{k} ({m})" for k, m in objectives), *extra]
+    body = [[*([cell(r.get("config")), str(len(r.get("trials") or []))] if by_config else [cell(r.get("trial"))]),
+             cell(r.get("outcome")), f"{cell(r.get('steps_done'))}/{cell(r.get('steps_total'))}",
+             *(cell((r.get("params") or {}).get(p)) for p in params), *(figure(r, k) for k in keys + extra)]
             for r in rows_best]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]

@@ -4,7 +4,8 @@ The sweep folder <out>/<name>/ is Tune's experiment folder (experiment state; tr
 trial's result.json and checkpoints) plus:
     csc_sweep.json   the resolved spec, where the tracker records the sweep (read again by --resume) and,
                      at the end, the producer's counters
-    trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run)
+    trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run), and
+                     configs.json, configs.csv where configurations ran over several seeds
     trial_NN/sae/, curves.png, error.txt                   what each trial's MLflow run also holds
     mlflow_unsent.json   only if MLflow still failed at the end: the records it never received
 csc.sweep.outcomes writes those files, tracker or not; csc.sweep.tracking.mlflow makes the MLflow runs.
@@ -24,9 +25,10 @@ from ray import tune
 from csc.activations.source import Activations
 from csc.errors import CscError
 from csc.sweep import report
-from csc.sweep.outcomes import TRIALS_FILE, TrialRecords, error_reason, trial_name
+from csc.sweep.outcomes import CONFIGS_FILE, TRIALS_FILE, TrialRecords, error_reason, trial_name
 from csc.sweep.producer import NAMESPACE, start_producer
 from csc.sweep.scheduler import scheduler
+from csc.sweep.search import searcher
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker, tracker_for
 from csc.sweep.trial import run_trial
@@ -45,31 +47,6 @@ class SweepResult:
     rows: list[dict[str, Any]]
     producer: dict[str, float]
     interrupted: bool
-
-
-def _searcher(spec: SweepSpec):
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-    from ray.tune.search.optuna import OptunaSearch
-
-    space = {}
-    for key, p in spec.sweep.search.items():
-        if p.type == "choice":
-            space[key] = CategoricalDistribution(p.values)
-        elif p.type in ("int", "logint"):
-            space[key] = IntDistribution(int(p.low), int(p.high), log=p.type == "logint")
-        else:
-            space[key] = FloatDistribution(p.low, p.high, log=p.type == "loguniform")
-    objectives = spec.sweep.objectives
-    n = spec.n_trials
-    sampler = optuna.samplers.TPESampler(seed=spec.sweep.seed, n_startup_trials=min(10, max(2, n // 2)))
-    if len(objectives) == 1:
-        metric, mode = objectives[0].metric, objectives[0].mode
-    else:
-        metric, mode = [o.metric for o in objectives], [o.mode for o in objectives]
-    # A grid is Optuna evaluating every point of it first, one trial each: the same machinery (and resume).
-    points = spec.grid() if spec.sweep.method == "grid" else [dict(p) for p in spec.sweep.points_to_evaluate]
-    return OptunaSearch(space, metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
 
 
 def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dict[str, str],
@@ -97,6 +74,12 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
         ray.get(producer.info.remote())
     except ray.exceptions.RayError as e:
         raise CscError(f"the activation producer could not start: {error_reason(str(e))}") from None
+    try:  # made once for every trial: a corpus that cannot be probed fails now, as `csc train` does, not each trial
+        ray.get(producer.probe_labels.remote())
+    except ray.exceptions.RayError as e:
+        if isinstance(getattr(e, "cause", None), CscError):  # the error `csc train` gives, field named
+            raise e.cause from None
+        raise CscError(f"the sparse-probing set could not be made: {error_reason(str(e))}") from None
 
     # On --resume Tune restores the callback it pickled at the start (with its tracker), not this one.
     records = TrialRecords(spec_json, str(sweep_dir), tracker)
@@ -108,7 +91,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
     else:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=scheduler(spec, sweep_dir),
+            tune_config=tune.TuneConfig(search_alg=searcher(spec), scheduler=scheduler(spec, sweep_dir),
                                         num_samples=spec.n_trials,
                                         max_concurrent_trials=spec.sweep.max_concurrent,
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
@@ -203,7 +186,8 @@ def sweep_summary(sweep_dir: Path) -> str:
     rows = json.loads(rows_path.read_text()) if rows_path.is_file() else []
     spec = SweepSpec.model_validate(state["spec"])
     counts = {o: sum(r["outcome"] == o for r in rows) for o in ("finished", "stopped_early", "failed", "running")}
-    lines = [f"sweep {sweep_dir.name!r}: {len(rows)} of {spec.n_trials} trials: "
+    seeds = f" ({spec.n_configs} configurations x {spec.sweep.seeds} seeds)" if spec.sweep.seeds > 1 else ""
+    lines = [f"sweep {sweep_dir.name!r}: {len(rows)} of {spec.n_trials} trials{seeds}: "
              + ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in counts.items() if n)]
     if "producer" in state:
         st = state["producer"]
@@ -211,12 +195,19 @@ def sweep_summary(sweep_dir: Path) -> str:
                      f"in {st['lm_seconds']:.1f} s) for {st['requests']:.0f} shard requests, {st['memory_hits']:.0f} "
                      f"of them from memory; {st['evaluations']:.0f} CE/KL evaluations")
     objectives = [(o.metric, o.mode) for o in spec.sweep.objectives]
-    best = report.best_trials(rows, objectives)
+    configs = report.configurations(rows)
+    by_config = report.repeated(configs)
+    # Over seeds, only a configuration whose every seed finished has a mean: what Optuna was told.
+    best = report.best_trials([c for c in configs if c["outcome"] == "finished"] if by_config else rows, objectives)
     if best:
-        lines.append("best trials (" + ", ".join(f"{m} {mode}" for m, mode in objectives)
-                     + ("; the Pareto set" if len(objectives) > 1 else "") + "):")
-        lines.append(report.format_best(best, objectives, list(spec.sweep.search)))
-    reports = f"reports: {sweep_dir}/trials.csv, pareto.png, progression.png"
+        lines.append(f"best {'configurations' if by_config else 'trials'} ("
+                     + ", ".join(f"{m} {mode}" for m, mode in objectives)
+                     + ("; the Pareto set" if len(objectives) > 1 else "")
+                     + ("; mean ± std over their seeds" if by_config else "") + "):")
+        params = [p for p in spec.sweep.search if not (by_config and p == report.SEED)]
+        lines.append(report.format_best(best, objectives, params))
+    reports = f"reports: {sweep_dir}/trials.csv, pareto.png, progression.png" + \
+        (", configs.csv" if (sweep_dir / CONFIGS_FILE).is_file() else "")
     if "tracking_uri" not in state:  # an untracked sweep
         return "\n".join([*lines, reports])
     lines.append(f"{reports} (also on the MLflow parent run)")

@@ -21,11 +21,13 @@ from csc.sae.config import WARMUPS, TrainerConfig
 from csc.errors import SpecError
 from csc.sae.archs import ARCHITECTURES
 from csc.sae.trainer import TRAINING_METRICS
+from csc.sweep.report import SEED
+from csc.sweep.reported import EVAL_PREFIX, HELD_OUT, held_out, trial_metrics
 
 REPORT_METRICS = TRAINING_METRICS
-"""What the reports of a trial carry (averages over the steps since the previous report; a term's metric only
-where the trial has that term); only these can drive the search and the scheduler, because a trial stopped
-early never reaches the held-out eval."""
+"""What every report of a trial carries (averages over the steps since the previous report; a term's metric only
+where the trial has that term, csc.sweep.reported); only these can drive the scheduler, which ranks trials
+before their last step. Objectives may also be held-out figures (HELD_OUT), which the final report adds."""
 
 SEARCHABLE_ACTIVATIONS = ("activations.pairing",)
 """The activations fields a sweep may search: they choose among what every shard holds, so one producer and one
@@ -70,25 +72,54 @@ class SearchParam(Spec):
         return [self.low, self.high]
 
 
+def _unknown(name: str) -> str:
+    hint = f" (did you mean {EVAL_PREFIX + name!r}?)" if EVAL_PREFIX + name in HELD_OUT else ""
+    return (f"{name!r} is not a metric trials report{hint}: a training metric ({', '.join(REPORT_METRICS)}) or a "
+            f"held-out figure of the final evaluation ({', '.join(HELD_OUT)})")
+
+
 class Objective(Spec):
-    metric: Literal[REPORT_METRICS]
-    """A per-report training metric (see REPORT_METRICS)."""
+    metric: str
+    """What Optuna is told when a configuration's trials have ended: a training metric (REPORT_METRICS, as the
+    final report has it: its average over the last `trainer.log_every` steps), or a held-out figure of the final
+    evaluation (HELD_OUT: eval/ + a key of `csc eval`, e.g. eval/ce_loss_recovered, eval/delta_ce, eval/kl_spliced).
+    Every trial of the sweep must report it (checked at load); a trial stopped early is told as pruned."""
     mode: Literal["min", "max"]
     """Whether lower or higher is better."""
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in REPORT_METRICS and v not in HELD_OUT:
+            raise ValueError(_unknown(v))
+        return v
 
 
 class AshaSpec(Spec):
     """Asynchronous successive halving: at each rung a trial continues only if it is in the top
     1/reduction_factor of the trials that reached that rung."""
 
-    metric: Literal[REPORT_METRICS] = "ev"
-    """Training metric the rungs compare."""
+    metric: str = "ev"
+    """Training metric the rungs compare (REPORT_METRICS), one that every trial has in every report (checked at
+    load); a held-out figure (eval/...) cannot be: it is measured once, after a trial's last step."""
+
     mode: Literal["min", "max"] = "max"
     """Whether lower or higher is better."""
     grace_period: int = Field(100, ge=1)
     """Steps every trial trains before it can be stopped (the first rung)."""
     reduction_factor: float = Field(2.0, gt=1)
     """Rung spacing and the fraction kept: rungs at grace_period * rf^k steps."""
+
+    @field_validator("metric")
+    @classmethod
+    def _training(cls, v: str) -> str:
+        if v in HELD_OUT:
+            raise ValueError(f"{v!r} is a held-out figure, measured once after a trial's last step; ASHA ranks "
+                             f"trials at its rungs, before that: give a training metric "
+                             f"({', '.join(REPORT_METRICS)}) and make {v!r} an objective instead")
+        if v not in REPORT_METRICS:
+            raise ValueError(_unknown(v))
+        return v
 
 
 class ResourcesSpec(Spec):
@@ -147,13 +178,22 @@ class SweepSection(Spec):
     """optuna: Optuna's TPE samples `search` (one or several objectives); grid: every combination of the
     `search` choices runs once, in order (all must be `choice`; e.g. gamma x tau x pairing x trainer.seed)."""
     num_samples: int | None = Field(None, ge=1)
-    """Trials to run, including `points_to_evaluate`. Default: 8 (optuna), the grid's size (grid)."""
+    """Configurations to run, including `points_to_evaluate`, each `seeds` times. Default: 8 (optuna), the grid's
+    size (grid)."""
+    seeds: int = Field(1, ge=1)
+    """Runs of each configuration, with trainer.seed = the base's trainer.seed + 0, 1, ..., seeds - 1: the SAE's
+    initialisation (the data order is the base spec's in every trial). Optuna is told one value per configuration,
+    the mean over its seeds (failed if one seed failed); the reports show each configuration's mean and spread
+    (configs.csv, error bars in pareto.png, `csc report`). Not with a searched trainer.seed (a grid over
+    trainer.seed is reported the same way: its configurations are its points less the seed), nor with a
+    scheduler: ASHA ranks trials one by one, so it would rank a configuration's seeds against each other."""
     max_concurrent: int = Field(2, ge=1)
     """Trials running at the same time."""
     seed: int = 0
     """Seed of the Optuna sampler."""
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="ev", mode="max")], min_length=1)
-    """What Optuna optimises: one objective, or several (a Pareto search, e.g. ev max and l0 min)."""
+    """What Optuna optimises: one objective, or several (a Pareto search, e.g. eval/ce_loss_recovered max and
+    eval/l0 min)."""
     search: dict[str, SearchParam] = Field(default_factory=dict)
     """Searched fields by dotted path, e.g. trainer.beta, trainer.gamma, trainer.temperature, sae.dict_size,
     activations.pairing."""
@@ -183,6 +223,17 @@ class SweepSpec(TrainRunSpec):
         for key, param in self.sweep.search.items():
             for value in param.ends():
                 _check_value(self, key, value, f"sweep.search.{key}")
+        if self.sweep.seeds > 1 and SEED in self.sweep.search:
+            first = self.trainer.seed
+            raise ValueError(f"sweep.seeds ({self.sweep.seeds}) runs each configuration with {SEED} {first}..."
+                             f"{first + self.sweep.seeds - 1}, and sweep.search.{SEED} searches it too: give the seeds "
+                             f"one way (drop sweep.search.{SEED}, or set sweep.seeds to 1)")
+        if self.sweep.seeds > 1 and self.sweep.scheduler is not None:
+            raise ValueError(f"sweep.seeds ({self.sweep.seeds}) needs sweep.scheduler: null: ASHA ranks trials one by "
+                             f"one, so it would rank a configuration's seeds against each other and prune "
+                             f"configurations for their seeds' noise (a second seed is stopped whenever it is below "
+                             f"the first at the first rung); run the seeds without early stopping, or set "
+                             f"sweep.seeds to 1")
         if self.sweep.method == "grid":
             ranged = [k for k, p in self.sweep.search.items() if p.type != "choice"]
             if ranged or not self.sweep.search:
@@ -200,7 +251,7 @@ class SweepSpec(TrainRunSpec):
                                  f"{sorted(self.sweep.search)}, got {sorted(point)}")
             for key, value in point.items():
                 point[key] = _check_value(self, key, value, f"sweep.points_to_evaluate[{n}].{key}")
-        if len(self.sweep.points_to_evaluate) > self.n_trials:
+        if len(self.sweep.points_to_evaluate) > self.n_configs:
             raise ValueError("sweep.points_to_evaluate has more points than sweep.num_samples")
         asha = self.sweep.scheduler
         if asha is not None and asha.grace_period >= self.trainer.steps:
@@ -214,12 +265,66 @@ class SweepSpec(TrainRunSpec):
                                  f"loss weights reach their values (a trial with a large gamma then looks frozen)")
         return self
 
+    @model_validator(mode="after")
+    def _check_metrics(self) -> "SweepSpec":
+        """Every objective in every trial's final report, the scheduler's metric in every report of every trial:
+        checked on the trials the search can make at the ends of its ranges and choices, and the points."""
+        reports = []
+        for params in self._bounding_params():
+            try:
+                trial = self.trial(params)
+            except ValidationError:
+                continue  # such a trial fails at its start and reports nothing
+            reports.append((params, *trial_metrics(trial.sae, trial.trainer)))
+        if not reports:
+            raise ValueError("sweep.search: no trial at the ends of the searched ranges and choices is a valid spec, "
+                             "so none would report anything")
+        reported = held_out(self.corpus)  # the corpus is the base's in every trial
+        for n, objective in enumerate(self.sweep.objectives):
+            if objective.metric in HELD_OUT and objective.metric not in reported:
+                raise ValueError(
+                    f"sweep.objectives[{n}].metric: {objective.metric!r} is a figure of sparse probing's sequence "
+                    f"task, which needs labelled documents, and corpus.source {self.corpus.source!r} has none "
+                    f"without corpus.label_field (a JSONL file's or Hub dataset's column of labels): no trial "
+                    f"would report it")
+            lacking = [(p, final) for p, _, final in reports if objective.metric not in final]
+            if lacking and objective.metric not in HELD_OUT:  # the held-out figures: every finished trial's
+                params, final = lacking[0]
+                evaluated = EVAL_PREFIX + objective.metric
+                raise ValueError(
+                    f"sweep.objectives[{n}].metric: {_trials(params)} do not report {objective.metric!r} (a loss "
+                    f"term's metric exists only where a trial has the term; they report {', '.join(sorted(final))}); "
+                    f"Optuna needs every objective from every trial"
+                    + (f": the held-out {evaluated!r} is measured for every trial" if evaluated in reported else ""))
+        asha = self.sweep.scheduler
+        for params, every, final in reports:
+            if asha is not None and asha.metric not in every:
+                why = ("the trainer skips an optional term at the steps where its weight is 0, as at the start of "
+                       "its warm-up" if asha.metric in final else "they do not have that term")
+                always = set.intersection(*(set(e) for _, e, _ in reports))
+                raise ValueError(f"sweep.scheduler.metric: {asha.metric!r} is not in every report of "
+                                 f"{_trials(params)} ({why}); ASHA ranks trials on it at every rung: give one of "
+                                 f"{', '.join(m for m in REPORT_METRICS if m in always)}")
+        return self
+
+    def _bounding_params(self) -> list[dict[str, Any]]:
+        """Searched values that bound what the trials can be: every combination of the ends of the searched ranges
+        and of the choices (a grid's every point), and the points to evaluate."""
+        keys = list(self.sweep.search)
+        ends = [self.sweep.search[k].ends() for k in keys]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*ends)] + self.sweep.points_to_evaluate
+
     @property
-    def n_trials(self) -> int:
-        """How many trials the sweep runs."""
+    def n_configs(self) -> int:
+        """How many configurations the sweep runs (each `sweep.seeds` times)."""
         if self.sweep.num_samples is not None:
             return self.sweep.num_samples
         return len(self.grid()) if self.sweep.method == "grid" else 8
+
+    @property
+    def n_trials(self) -> int:
+        """How many trials the sweep runs: each configuration once per seed."""
+        return self.n_configs * self.sweep.seeds
 
     def grid(self) -> list[dict[str, Any]]:
         """Every combination of the searched choices, the last field varying fastest (method grid)."""
@@ -230,6 +335,12 @@ class SweepSpec(TrainRunSpec):
     def trial(self, params: dict[str, Any]) -> TrainRunSpec:
         """The training spec of one trial: the base with `params` (dotted paths) set."""
         return TrainRunSpec.model_validate(with_params(self, params))
+
+
+def _trials(params: dict[str, Any]) -> str:
+    """Who, in a message about the trials with these searched values."""
+    return ("the trials with " + ", ".join(f"{k} {v!r}" for k, v in params.items())) if params else \
+        "this sweep's trials"
 
 
 def with_params(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:

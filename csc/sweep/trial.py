@@ -4,10 +4,13 @@ Every `trainer.log_every` steps the trial sends Tune the trainer's report (csc.s
 per-step metrics since the previous report, step, tokens, lr, the weights in force, tokens_per_s); every
 `checkpoint_every` steps that report carries a checkpoint (trainer state and the SAE's export in sae/), from
 which Tune resumes a paused, retried or interrupted trial at the same batch. After the last step it evaluates
-on held-out tokens (CE/KL in the producer) and sends one final report with the held-out figures under `eval/`
-and a last checkpoint.
+on held-out tokens (CE/KL in the producer; sparse probing here, over the probing set the producer made) and
+sends one final report with the held-out figures under `eval/` and a last checkpoint, which also holds
+eval.json and the feature dashboard (dashboard.html: statistics and contexts computed here, logit tables and
+token strings in the producer, so the trial never loads the LM).
 All trials read the same batches in the same order (the base spec's trainer.seed), so they differ only
-by their hyperparameters; a trial with its own `activations.pairing` reads the same anchors in the same
+by their hyperparameters and, through their own trainer.seed (searched, or one of sweep.seeds), their SAE's
+initialisation; a trial with its own `activations.pairing` reads the same anchors in the same
 order from the same shards, with its rule's partners.
 """
 
@@ -24,14 +27,14 @@ import torch
 from ray import tune
 
 from csc.config import TrainRunSpec
+from csc.pipeline import dashboard
 from csc.pipeline.run import evaluate_run, hook_info, training_stream
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.export import save_sae
 from csc.sae.trainer import Hook, Metrics, Trainer
 from csc.sweep.producer import RemoteActivations
+from csc.sweep.reported import EVAL_PREFIX
 from csc.sweep.spec import SweepSpec
-
-EVAL_PREFIX = "eval/"
 
 
 class TuneReport(Hook):
@@ -73,21 +76,23 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
                                     start=trainer.batches_consumed), [hook])
 
     # The final report: ASHA stops a trial once it reaches trainer.steps, so nothing may come after it.
-    results, _ = evaluate_run(spec, trainer.model, acts, splice=acts.splice)
+    results, _ = evaluate_run(spec, trainer.model, acts, splice=acts.splice, labels=acts.probe_labels())
+    page = dashboard.build(spec, trainer.model, acts, results, tables=acts.logit_tables)
     report = hook.tag(trainer.last_report)
     report.update({EVAL_PREFIX + k: v for k, v in results.items()})
-    _report(report, trainer, spec, acts.scale, results)
+    _report(report, trainer, spec, acts.scale, {"eval.json": json.dumps(results, indent=1), dashboard.FILE: page})
 
 
 def _report(metrics: dict[str, Any], trainer: Trainer | None, spec: TrainRunSpec, scale: float,
-            results: dict[str, float] | None = None) -> None:
-    """Report to Tune; with `trainer`, with a checkpoint that also holds the SAE's export (sae/)."""
+            files: dict[str, str] | None = None) -> None:
+    """Report to Tune; with `trainer`, with a checkpoint that also holds the SAE's export (sae/) and `files`
+    (name: text)."""
     if trainer is None:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(trainer, Path(d))
         save_sae(trainer.model, Path(d) / "sae", hook_info(spec, scale))
-        if results is not None:
-            (Path(d) / "eval.json").write_text(json.dumps(results, indent=1))
+        for name, text in (files or {}).items():
+            (Path(d) / name).write_text(text)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))

@@ -6,7 +6,7 @@ counters as metrics. A child run holds the trial's resolved sae/trainer fields a
 params, every report as metrics (step = training step), and at the end: status FINISHED (trained all
 steps), KILLED with tag csc.outcome = stopped_early and the reason in csc.stop_reason (the scheduler
 stopped it), or FAILED with the error's line in csc.failure_reason; its artifacts are the ones outcomes
-kept (sae/, eval.json, curves.png; error.txt). If MLflow fails, calls wait in an ordered backlog until it
+kept (sae/, eval.json, dashboard.html, curves.png; error.txt). If MLflow fails, calls wait in an ordered backlog until it
 answers again (see `_do`). Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
 and never logs a step twice; a trial that Tune retries after a failure keeps its run.
 """
