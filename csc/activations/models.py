@@ -116,14 +116,10 @@ def model_identity(spec: ModelSpec) -> str:
 def load_language_model(spec: ModelSpec, cache_root: Path) -> LanguageModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    if spec.name == EMBEDDED:
-        model, tok = _from_pretrained(str(embedded_model_folder(cache_root)), dtype, revision=None)
-    elif spec.name == TINY_GEMMA2:
+    if spec.name == TINY_GEMMA2:
         model, tok = build_tiny_gemma2(spec)
     else:
-        check_model_spec(spec)
-        local = Path(spec.name).expanduser().is_dir()
-        model, tok = _from_pretrained(spec.name, dtype, revision=None if local else spec.revision)
+        model, tok = _from_pretrained(*_pretrained_source(spec, cache_root), dtype)
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     return LanguageModel(model=model, tokenizer=tok, identity=model_identity(spec),
@@ -140,21 +136,25 @@ def start_token_id(tok: PreTrainedTokenizerBase, spec: ModelSpec) -> int:
 
 def load_tokenizer(spec: ModelSpec, cache_root: Path) -> PreTrainedTokenizerBase:
     """The LM's tokenizer alone (seconds), for work that reads tokens but runs no LM."""
-    if spec.name == EMBEDDED:
-        name, kw = str(embedded_model_folder(cache_root)), {}
-    elif spec.name == TINY_GEMMA2:
+    if spec.name == TINY_GEMMA2:
         return byte_tokenizer()
-    else:
-        check_model_spec(spec)
-        local = Path(spec.name).expanduser().is_dir()
-        name, kw = spec.name, ({} if local else {"revision": spec.revision})
+    name, revision = _pretrained_source(spec, cache_root)
     try:
-        return AutoTokenizer.from_pretrained(name, **kw)
+        return AutoTokenizer.from_pretrained(name, **({} if revision is None else {"revision": revision}))
     except (OSError, ValueError) as e:
         raise InputError(f"model.name {name!r}: its tokenizer cannot be loaded: {first_line(e)}") from None
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, revision: str | None):
+def _pretrained_source(spec: ModelSpec, cache_root: Path) -> tuple[str, str | None]:
+    """(folder or Hub id, Hub revision or None) that transformers loads the model and its tokenizer from."""
+    if spec.name == EMBEDDED:
+        return str(embedded_model_folder(cache_root)), None
+    check_model_spec(spec)
+    local = Path(spec.name).expanduser().is_dir()
+    return spec.name, None if local else spec.revision
+
+
+def _from_pretrained(name: str, revision: str | None, dtype: torch.dtype):
     kw = {} if revision is None else {"revision": revision}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kw)
