@@ -14,7 +14,7 @@ from csc.cli import main
 from csc.config import CorpusSpec, TrainRunSpec, load_spec
 from csc.errors import CscError, InputError, SpecError
 from csc.pipeline.probing import (K_VALUES, PROBING_METRICS, balanced, held_out_labels, one_vs_rest,
-                                  pooled_features, probing_scores)
+                                  pooled_features, probing_scores, probing_tokens, random_floor)
 from csc.pipeline.run import train_run
 from csc.sae.archs import build_sae
 from csc.sae.config import parse_sae_config
@@ -136,18 +136,23 @@ def test_the_probing_set_splits_by_context_and_pools_one_document_per_example(ca
         assert torch.equal(acts.shard("eval", i).tokens[labels.seq_id[rows] - 8 * i], labels.tokens[rows])
 
 
-def test_floor_is_the_seeded_random_sae_and_ceiling_reads_raw_activations(cache, tmp_path):
+def test_floor_is_the_seeded_random_sae_at_the_trained_l0_and_ceiling_reads_raw_activations(cache, tmp_path):
     s = spec(cache, f"corpus.source={labelled_corpus(tmp_path)}", "corpus.label_field=kind")
     acts = Activations(s)
     labels = held_out_labels(s, acts)
     cfg = parse_sae_config({"architecture": "relu", "d_in": 64, "dict_size": 64})
-    trained_like, floor = build_sae(cfg, seed=7), build_sae(cfg, seed=s.eval.probe_seed)
+    trained_like = build_sae(cfg, seed=7)
+    first = next(iter(labels.shards(8)))
+    x = acts.shard("eval", first).acts.flatten(0, 1).float()
+    trained_like.init_from_data(x * acts.scale, 6.0)  # sparser than the tied init's half of the dictionary
+    _, first_tokens = next(probing_tokens(acts, labels))
+    sample = first_tokens[:4096] * acts.scale  # as probing_scores starts its floor (chunk_tokens 4096)
+    floor = random_floor(trained_like, sample, s.eval.probe_seed)
     a, b = probing_scores(s, trained_like, acts, labels), probing_scores(s, floor, acts, labels)
     assert set(a) == {key for key, _ in PROBING_METRICS}
     for task in (SEQ, LETTER):
         for k in K_VALUES:
-            random = a[f"probe_{task}_random_top_{k}"]
-            assert random == b[f"probe_{task}_sae_top_{k}"] == b[f"probe_{task}_random_top_{k}"]
+            assert a[f"probe_{task}_random_top_{k}"] == b[f"probe_{task}_sae_top_{k}"]
         assert a[f"probe_{task}_llm"] == b[f"probe_{task}_llm"], "the ceiling does not depend on the SAE"
     # Pooling, against a direct mean over each example's tokens (codes on scaled, ceiling on raw activations).
     pooled = pooled_features(trained_like, floor, acts, labels, chunk_tokens=50)
@@ -159,6 +164,24 @@ def test_floor_is_the_seeded_random_sae_and_ceiling_reads_raw_activations(cache,
             torch.testing.assert_close(feats["sae"][e], trained_like.encode(raw * acts.scale).mean(dim=0))
     # Distinct texts are separable from the raw activations (ceiling), even through a random model.
     assert a["probe_seq_llm"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "batchtopk", "topk"])
+def test_the_floor_fires_as_often_as_the_sae_it_is_the_floor_of(arch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 32, generator=gen) @ torch.randn(32, 32, generator=gen)
+    extra = {"k": 8} if arch in ("topk", "batchtopk") else {}
+    sae = build_sae(parse_sae_config({"architecture": arch, "d_in": 32, "dict_size": 128, **extra}), seed=1)
+    sae.init_from_data(x, 10.0)
+    sae.eval()
+    l0 = (sae.encode(x) > 0).sum(dim=-1).float().mean().item()
+    floor = random_floor(sae, x, seed=2)
+    floor_l0 = (floor.encode(x) > 0).sum(dim=-1).float().mean().item()
+    assert abs(floor_l0 - l0) <= 0.02 * l0, (arch, l0, floor_l0)
+    assert not torch.equal(floor.W_enc, sae.W_enc), "the floor is a different random SAE"
+    untouched = build_sae(sae.cfg, seed=2).eval()
+    assert (untouched.encode(x) > 0).sum(dim=-1).float().mean().item() > 3 * l0 or arch == "topk", \
+        "without matching, the random SAE would be much denser"
 
 
 def test_train_and_eval_report_probing_on_a_labelled_jsonl_corpus(cache, tmp_path, capsys):

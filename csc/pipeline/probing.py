@@ -13,7 +13,10 @@ one task with classes 1..C, examples e with tokens t(e), and features f (SAE cod
     acc_c(k)   = the share of probe-test examples (|P| + |N|) the probe classifies right
 
     probe_<task>_sae_top_<k>     = mean over c of acc_c(k), f = the SAE's codes, k in K_VALUES
-    probe_<task>_random_top_<k>  = the same for a random-init SAE of the same config (seed eval.probe_seed): the floor
+    probe_<task>_random_top_<k>  = the same for the floor: a random-init SAE of the same config (seed eval.probe_seed)
+                                   started as csc starts training (SparseAutoencoder.init_from_data) at the L0 the
+                                   trained SAE has on the first probing tokens (up to chunk_tokens of them), so the
+                                   floor differs from the SAE by training alone, not by density
     probe_<task>_llm             = the same probe on every dimension of the raw activations (no top-k): the ceiling
     probe_<task>_classes         = C
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from sklearn.exceptions import ConvergenceWarning
@@ -80,7 +84,8 @@ def held_out_labels(spec: TrainRunSpec, acts: Activations) -> ProbeLabels:
 def probing_scores(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource, labels: ProbeLabels,
                    chunk_tokens: int = 4096) -> dict[str, float]:
     """The module docstring's figures for every task of `labels`."""
-    floor = build_sae(sae.cfg, seed=spec.eval.probe_seed).eval()
+    _, first = next(probing_tokens(acts, labels))
+    floor = random_floor(sae, first[:chunk_tokens].to(sae.W_dec.device) * acts.scale, spec.eval.probe_seed)
     results: dict[str, float] = {}
     for task, features in zip(labels.tasks, pooled_features(sae, floor, acts, labels, chunk_tokens)):
         scores = one_vs_rest(features, task.label, task.test, len(task.classes), spec.eval.probe_seed)
@@ -90,17 +95,19 @@ def probing_scores(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource
 
 
 @torch.no_grad()
-def pooled_features(sae: SparseAutoencoder, floor: SparseAutoencoder, acts: ShardSource, labels: ProbeLabels,
-                    chunk_tokens: int) -> list[dict[str, torch.Tensor]]:
-    """Per task, {feature set: [E, dim] mean over each example's tokens}, reading each probing shard once."""
+def random_floor(sae: SparseAutoencoder, sample: torch.Tensor, seed: int) -> SparseAutoencoder:
+    """The probing floor: a seeded random-init SAE of sae's config, started from `sample` (scaled activations) at
+    the L0 `sae` has on it. A floor at the tied init's density (half the dictionary firing) probes better than a
+    trained SAE at L0 70 from sheer density; matched, the two differ by training alone."""
+    floor = build_sae(sae.cfg, seed=seed, device=str(sample.device))
+    floor.init_from_data(sample, (sae.encode(sample) > 0).sum(dim=-1).float().mean().item())
+    return floor.eval()
+
+
+def probing_tokens(acts: ShardSource, labels: ProbeLabels) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per probing shard: ([tasks, n] the example each of its n pooled tokens belongs to, -1 for none; [n, d] those
+    tokens' raw activations)."""
     S = acts.spec.activations.contexts_per_shard
-    device = sae.W_dec.device
-    sums, counts = [], []
-    for task in labels.tasks:
-        E = len(task.label)
-        sums.append({"sae": torch.zeros(E, sae.cfg.dict_size), "random": torch.zeros(E, floor.cfg.dict_size),
-                     "llm": torch.zeros(E, sae.cfg.d_in)})
-        counts.append(torch.zeros(E))
     for i in labels.shards(S):
         sh = acts.shard("eval", i)
         rows = (labels.seq_id // S == i).nonzero().squeeze(1)
@@ -110,8 +117,21 @@ def pooled_features(sae: SparseAutoencoder, floor: SparseAutoencoder, acts: Shar
                            f"corpus, the tokenizer or the context construction changed since the shard was cached")
         example = torch.stack([task.example[rows] for task in labels.tasks])  # [tasks, m, T]
         used = (example >= 0).any(dim=0)
-        x = sh.acts[local][used].float()  # the tokens some example pools, raw
-        example = example[:, used]
+        yield example[:, used], sh.acts[local][used].float()
+
+
+@torch.no_grad()
+def pooled_features(sae: SparseAutoencoder, floor: SparseAutoencoder, acts: ShardSource, labels: ProbeLabels,
+                    chunk_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Per task, {feature set: [E, dim] mean over each example's tokens}, reading each probing shard once."""
+    device = sae.W_dec.device
+    sums, counts = [], []
+    for task in labels.tasks:
+        E = len(task.label)
+        sums.append({"sae": torch.zeros(E, sae.cfg.dict_size), "random": torch.zeros(E, floor.cfg.dict_size),
+                     "llm": torch.zeros(E, sae.cfg.d_in)})
+        counts.append(torch.zeros(E))
+    for example, x in probing_tokens(acts, labels):
         for s in range(0, x.shape[0], chunk_tokens):
             raw = x[s:s + chunk_tokens]
             scaled = raw.to(device) * acts.scale

@@ -40,6 +40,11 @@ class BatchTopKSAE(SparseAutoencoder):
         return torch.zeros_like(acts).scatter(-1, kept.indices, kept.values).reshape(pre.shape)
 
     @torch.no_grad()
+    def init_sparsity(self, cutoff: float) -> None:
+        # Only inference reads theta before training's first batch replaces it (threshold_seen stays False).
+        self.threshold.fill_(max(cutoff, 0.0))
+
+    @torch.no_grad()
     def scale_encoder(self, c: float) -> None:
         super().scale_encoder(c)
         self.threshold.mul_(c)
