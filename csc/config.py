@@ -247,6 +247,24 @@ class EvalSpec(Spec):
     probe_seed: int = 42
     """Seed of the balanced negatives of every one-vs-rest probe and of the random-init SAE that is probing's floor
     (SAEBench's random_seed)."""
+    absorption: bool = True
+    """Measure feature absorption on the first-letter task (csc/pipeline/absorption.py, SAEBench's absorption eval).
+    The LM's part (about 2.4 token positions per word of `absorption_words`, and a letter probe) runs once per run or
+    per sweep (in its producer); each SAE's part fits an L1 probe on the codes of the train words (SAEBench's 1,400
+    optimiser steps), which dominates on CPUs: turn it off for quick CPU runs."""
+    absorption_words: int = Field(10_000, ge=10)
+    """Words (tokens of ASCII letters, optionally after the tokenizer's word-boundary marker) drawn at random from the
+    tokenizer's vocabulary for absorption: 80% train the letter probes, 20% test them and are the words absorption is
+    measured on. SAEBench takes every such token (139,585 in Gemma 3's tokenizer); a vocabulary with fewer words
+    gives all it has. On the embedded default the LM's probe reaches F1 > 0.6 on 20 letters at 10,000 words, on 4 at
+    2,000."""
+    absorption_min_letters: int = Field(20, ge=1, le=26)
+    """Letters whose probe on the LM's activations must reach F1 > 0.6 on the test words for absorption's figures
+    (SAEBench's min_feats_for_eval, 20). With fewer, they are left out (absorption_letters, the number there is, is
+    still reported) and the run says why."""
+    absorption_seed: int = 42
+    """Seed of absorption's vocabulary draw, its train/test split, its prompts' in-context examples and its probes'
+    initialisation and batches (SAEBench's random_seed)."""
 
 
 class TrainRunSpec(ActivationsRunSpec):

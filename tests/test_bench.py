@@ -62,7 +62,8 @@ def test_contrastive_grid_table_pairs_each_trial_with_its_gamma_zero_twin(tmp_pa
                 "params": {"trainer.gamma": gamma, "activations.pairing": pairing, "trainer.seed": seed, **params},
                 "metrics": {"eval/l0": 60.0, "eval/explained_variance": ev, "eval/delta_ce": 1.0, "eval/kl_spliced": 1.0,
                             "eval/ce_loss_recovered": 0.9, "eval/nce": nce, "eval/nce_chance": 6.0,
-                            "eval/code_sim_positive": 0.1, "eval/code_sim_negative": 0.0}}
+                            "eval/code_sim_positive": 0.1, "eval/code_sim_negative": 0.0,
+                            "eval/probe_seq_sae_top_5": 0.7 + gamma}}
 
     spec = {"spec": {"activations": {"pairing": "previous"}, "trainer": {"gamma": 0.1, "seed": 0, "balance": False},
                      "sweep": {"method": "grid"}}}
@@ -80,10 +81,43 @@ def test_contrastive_grid_table_pairs_each_trial_with_its_gamma_zero_twin(tmp_pa
     out = run("contrastive_grid.py", str(grid), str(balance))
     assert "9 finished trials" in out
     diff = [line for line in out.splitlines() if line.startswith("| 0.1 | False | 3 |")]
-    assert len(diff) == 2  # the cell table and the paired-difference table
+    assert len(diff) == 4  # per section (reconstruction, features): the cell table and the paired differences
     cells = [c.strip() for c in diff[1].split("|")]
     # paired differences are constant over seeds here: EV -0.020 +/- 0, nce -0.100 +/- 0
     assert cells[5] == "-0.020 ± 0.000" and cells[9] == "-0.100 ± 0.000"
-    cells = [c.strip() for c in out.splitlines()[-1].split("|")]
+    features = [c.strip() for c in diff[3].split("|")]
+    assert features[6] == "0.100 ± 0.000"  # genre top-5: the only feature figure these trials report...
+    assert features[7] == "-"  # ...the others show as missing, not as zero
+    balanced = [line for line in out.splitlines() if line.startswith("| 0.1 | True | 3 |")]
+    cells = [c.strip() for c in balanced[1].split("|")]
     assert cells[1:4] == ["0.1", "True", "3"]  # pairing is the same everywhere: not a column
     assert cells[5] == "-0.030 ± 0.000" and cells[9] == "-0.200 ± 0.000"
+    # A third sweep with another pairing rule and no twin of its own: its features pair with the gamma = 0 trials
+    # of the first (the rule only changes what a gamma = 0 SAE is measured with), its InfoNCE with none.
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "csc_sweep.json").write_text(json.dumps(spec))
+    (control / "trials.json").write_text(json.dumps([row(0.1, "random", s, 5.95, 0.49) for s in range(3)]))
+    out = run("contrastive_grid.py", str(grid), str(balance), str(control))
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 0.1 | random | False |")]
+    assert [r[4].strip() for r in rows] == ["3", "0", "3", "3"]  # per section: seeds, then pairs
+    assert rows[1][10].strip() == "-" and rows[3][7].strip() == "0.100 ± 0.000"
+
+
+def test_saebench_crosscheck_runs_its_help_and_table_without_saebench():
+    # the script itself runs in a separate SAEBench venv (bench/saebench_env.sh); here only what needs neither
+    out = run("saebench_crosscheck.py", "--help")
+    assert "--csc-python" in out and "--seeds" in out
+    sys.path.insert(0, str(BENCH))
+    try:
+        from saebench_crosscheck import format_table
+    finally:
+        sys.path.remove(str(BENCH))
+    table = format_table([{"figure": "ce_loss_score", "csc": 0.9, "saebench": 0.85},
+                          {"figure": "probe_seq_llm, SAEBench's torch probe", "saebench": 0.5, "saebench_spread": 0.01},
+                          {"figure": "kl_div_score", "csc": 0.5, "saebench": float("nan")}])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()]
+    assert rows[0][:4] == ["figure", "csc", "SAEBench", "difference"]
+    assert rows[2][1:6] == ["0.9000", "0.8500", "0.0500", "-", "-"]
+    assert rows[3][1:6] == ["-", "0.5000", "-", "-", "0.0100"]
+    assert rows[4][2:4] == ["nan", "nan"]

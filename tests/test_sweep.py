@@ -75,21 +75,20 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     points = [{"trainer.beta": 0.001, "trainer.lr": 1e-3},
               {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: ASHA stops it
               {"trainer.beta": 0.005, "trainer.lr": 1e20}]  # outside the searched range; diverges at step 2
-    spec = load_spec(SweepSpec, tiny_sweep(in_tmp, cache, points_to_evaluate=points))
+    spec = load_spec(SweepSpec, tiny_sweep(in_tmp, cache, points_to_evaluate=points, num_samples=4))
     secret = "hf_csc_sentinel_0123456789"
     monkeypatch.setenv("HF_TOKEN", secret)  # every Ray worker inherits it; nothing may record it
     result = run_sweep(spec, "tiny", in_tmp / "runs", verbose=0)
 
     rows = {r["trial"]: r for r in result.rows}
-    assert sorted(rows) == [f"trial_{i:02d}" for i in range(1, 6)] and not result.interrupted
+    assert sorted(rows) == [f"trial_{i:02d}" for i in range(1, 5)] and not result.interrupted
     assert rows["trial_01"]["outcome"] == "finished"
     assert rows["trial_02"]["outcome"] == "stopped_early" and rows["trial_02"]["steps_done"] < 40
     assert rows["trial_03"]["outcome"] == "failed"
     assert rows["trial_03"]["reason"].startswith("csc.errors.DivergenceError: step 2: ")
-    assert all(rows[t]["outcome"] in ("finished", "stopped_early") for t in ("trial_04", "trial_05")), \
-        "the sweep goes on after a failure"
+    assert rows["trial_04"]["outcome"] in ("finished", "stopped_early"), "the sweep goes on after a failure"
 
-    # The LM ran once per shard (fresh cache), though five trials read them.
+    # The LM ran once per shard (fresh cache), though four trials read them.
     st = result.producer
     assert st["lm_shards_computed"] == LM_SHARDS and st["requests"] > 6 * 3
     assert st["evaluations"] == sum(r["outcome"] == "finished" for r in rows.values())
@@ -148,7 +147,7 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
 
     assert main(["report", str(result.sweep_dir)]) == 0
     summary = capsys.readouterr().out
-    assert summary.startswith("sweep 'tiny': 5 of 5 trials: ") and "1 failed" in summary
+    assert summary.startswith("sweep 'tiny': 4 of 4 trials: ") and "1 failed" in summary
     assert f"the LM made {LM_SHARDS} shards" in summary
     assert "best trials (ev max, l0 min; the Pareto set):" in summary
     assert "\ntrial_0" in summary.split("the Pareto set")[1] and "open it with: csc ui\n" in summary
@@ -237,7 +236,7 @@ def test_sweep_against_a_real_mlflow_server_and_its_runs_page(tmp_path, cache):
     if shutil.which("chromium") is None and not os.environ.get("CI"):
         pytest.skip("needs headless Chromium (Debian package `chromium`)")
     with MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts")) as server:
-        spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, num_samples=3, max_concurrent=2,
+        spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, num_samples=2, max_concurrent=2,
                                                tracking={"uri": server.url, "experiment": "served"}))
         try:
             result = run_sweep(spec, "served", tmp_path / "runs", verbose=0)
@@ -245,7 +244,7 @@ def test_sweep_against_a_real_mlflow_server_and_its_runs_page(tmp_path, cache):
             ray.shutdown()
         client = MlflowClient(server.url)
         runs = child_runs(client, result.experiment_id, result.parent_run_id)
-        assert sorted(runs) == ["trial_01", "trial_02", "trial_03"]
+        assert sorted(runs) == ["trial_01", "trial_02"]
         assert all(r.info.status in ("FINISHED", "KILLED") for r in runs.values())
         done = next(r for r in runs.values() if r.info.status == "FINISHED")
         assert {a.path for a in client.list_artifacts(done.info.run_id, "sae")} == \
@@ -253,5 +252,5 @@ def test_sweep_against_a_real_mlflow_server_and_its_runs_page(tmp_path, cache):
         assert client.get_run(result.parent_run_id).info.status == "FINISHED"
         dom = render_page(runs_page_url(server.url, result.experiment_id, flat=True))
     assert not (tmp_path / "mlflow.db").exists(), "nothing went to the default store"
-    for name in ["served", "trial_01", "trial_02", "trial_03"]:
+    for name in ["served", "trial_01", "trial_02"]:
         assert name in dom, f"{name} is not on the rendered runs page"

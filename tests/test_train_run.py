@@ -63,6 +63,9 @@ def test_run_exports_and_eval_reproduces_metrics(cache, tmp_path, capsys):
     for key in ("context_locality", "context_locality_weighted", "ce_loss_score", "kl_div_score",
                 "explained_variance_legacy", "saebench_l0", "saebench_l1"):
         assert f"{results[key]:.6g}" in printed, key
+    # Feature absorption: the tiny LM's letter probe finds too few letters, so only their number is reported, and why
+    assert "absorption_letters" in results and "absorption_fraction" not in results
+    assert "csc: feature absorption left out" in printed
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])

@@ -5,6 +5,10 @@ above L, the final norm and the 262k-wide unembedding are never computed. A hook
 attention module stores its attention probabilities (eager attention returns them as the module's
 second output), averaged over heads: csc/activations/pairing.py turns them into positive partners
 (every rule's, stored side by side in each shard).
+
+`run_after_prefixes` reads resid_post of layer L at G tokens that each follow one shared P-token prefix, as if each
+were alone after it, for P + G token positions instead of G (P + 1) (feature absorption's prompts,
+csc/activations/spelling.py).
 """
 
 from __future__ import annotations
@@ -80,3 +84,36 @@ def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captu
         raise RuntimeError("the forward pass ended without reaching the hooked layer")
     return Captured(resid=store["resid"], attn=store["attn"])
 
+
+@torch.inference_mode()
+def run_after_prefixes(model: nn.Module, prefixes: torch.Tensor, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+    """resid_post of `layer` [B, G, d] at each of tokens[b] [B, G] appended alone to prefixes[b] [B, P]: what
+    run_to_layer gives at the last position of the B * G sequences prefixes[b] + tokens[b, g]. One pass over rows
+    prefixes[b] + tokens[b] [B, P + G]: every token at position P, attending to the prefix and to itself only (a
+    4D attention mask, which the model's mask builder takes as it is)."""
+    (B, P), G = prefixes.shape, tokens.shape[1]
+    T = P + G
+    allowed = torch.ones(T, T, dtype=torch.bool, device=prefixes.device).tril()
+    allowed[P:, P:] = torch.eye(G, dtype=torch.bool, device=prefixes.device)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(T, T, dtype=dtype, device=prefixes.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    positions = torch.cat([torch.arange(P), torch.full((G,), P)]).to(prefixes.device)
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise InputError(f"activations.layer {layer} is out of range: the model has {len(layers)} layers "
+                         f"(0..{len(layers) - 1})")
+    store: dict[str, torch.Tensor] = {}
+
+    def on_layer(_mod, _args, out):
+        store["resid"] = out[0] if isinstance(out, tuple) else out
+        raise _StopForward
+
+    handle = layers[layer].register_forward_hook(on_layer)
+    try:
+        base_model(model)(input_ids=torch.cat([prefixes, tokens], dim=1), attention_mask=mask.expand(B, 1, T, T),
+                          position_ids=positions.expand(B, T), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return store["resid"][:, P:]

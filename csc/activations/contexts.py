@@ -47,9 +47,14 @@ class ContextStream:
                 if self._eos is not None:
                     self._buffer.append(self._eos)
                     self._pushed += 1
-            while len(self._buffer) >= self._body and len(self._contexts) < n:
-                body, self._buffer = self._buffer[: self._body], self._buffer[self._body:]
+            # Cut from an offset and drop the used tokens once: re-slicing the rest of the buffer for every context
+            # made this quadratic in a document's length (seconds for the embedded corpus's held-out plays).
+            used = 0
+            while len(self._buffer) - used >= self._body and len(self._contexts) < n:
+                body = self._buffer[used: used + self._body]
+                used += self._body
                 self._contexts.append(torch.tensor([self._bos, *body], dtype=torch.int64))
+            del self._buffer[:used]
 
     def available(self, n: int) -> int:
         """How many of the first n contexts exist (fewer when the corpus runs out)."""

@@ -27,6 +27,7 @@ from csc.activations.source import Activations, ShardSource, shard_batches
 from csc.config import TrainRunSpec
 from csc.errors import CscError
 from csc.pipeline import dashboard, plots
+from csc.pipeline.absorption import ABSORPTION_METRICS, AbsorptionSet, absorption_scores, absorption_set
 from csc.pipeline.evaluate import (SAEBENCH_BATCH_PROMPTS, locality_scores, reconstruction_scores,
                                    saebench_sparsity_scores, special_token_ids, splice_scores)
 from csc.pipeline.probing import PROBING_METRICS, held_out_labels, probing_scores
@@ -141,7 +142,8 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
 
 def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
                  splice: Callable[[SparseAutoencoder], dict[str, float]] | None = None,
-                 labels: ProbeLabels | None = None) -> tuple[dict[str, float], DensityHistogram]:
+                 labels: ProbeLabels | None = None, absorption: AbsorptionSet | None = None
+                 ) -> tuple[dict[str, float], DensityHistogram]:
     """Held-out reconstruction and contrastive metrics over every eval token, context locality over every eval
     context, and CE/KL (with SAEBench's figures) over `eval.ce_contexts` contexts. Held-out batches have the
     training batch size (capped to the held-out anchors), so held-out nce has the training nce's negatives per
@@ -152,7 +154,9 @@ def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
     held-out figure), about a training batch of anchors at a time so that the codes fit where training's did.
     `splice` measures what needs the LM or its tokenizer where the LM lives (the sweep's producer actor); by
     default `acts` holds it. Sparse probing (csc.pipeline.probing) pools codes over `labels`, the probing set that
-    the tokenizer's holder derives (held_out_labels); by default from `acts`."""
+    the tokenizer's holder derives (held_out_labels); by default from `acts`. Feature absorption
+    (csc.pipeline.absorption, with eval.absorption) reads `absorption`, the LM's part that the LM's holder makes
+    (absorption_set); by default from `acts`."""
     sae = sae.to("cpu").eval()
     size = min(spec.trainer.batch_size, _eval_anchors(acts))
     batches = shard_batches(acts, "eval", size, drop_last=False)
@@ -163,6 +167,9 @@ def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
     results.update(locality_scores(sae, (x[:, FIRST_ANCHOR:] for x, _ in _held_out_contexts(acts, per_batch))))
     results.update(splice(sae) if splice is not None else splice_run(spec, sae, acts))
     results.update(probing_scores(spec, sae, acts, labels if labels is not None else held_out_labels(spec, acts)))
+    if spec.eval.absorption:
+        data = absorption if absorption is not None else absorption_set(spec, acts)
+        results.update(absorption_scores(sae, data, acts.scale, spec.eval.absorption_seed))
     return results, hist
 
 
@@ -230,7 +237,7 @@ METRIC_ORDER = [
     ("kl_div_with_ablation", "SAEBench kl_div_with_ablation"),
     ("explained_variance_legacy", "SAEBench explained_variance_legacy"), ("saebench_l0", "SAEBench l0"),
     ("saebench_l1", "SAEBench l1"),
-    *PROBING_METRICS,
+    *PROBING_METRICS, *ABSORPTION_METRICS,
     ("tokens", "held-out tokens"), ("ce_tokens", "CE tokens"),
     ("train_steps", "training steps"), ("train_tokens", "training tokens"), ("train_tokens_per_s", "training tokens/s"),
 ]

@@ -3,8 +3,9 @@
 A shard comes from the producer's memory, else from the disk cache, else from the LM, and the LM never
 runs twice for one shard: requests for a shard already being made wait for it. All LM work (shards,
 prefetch, CE/KL evaluation of a trial's SAE, its dashboard's logit tables and token strings) runs on one thread,
-so the model is never used concurrently; so does the tokenizer's one job, the sparse-probing set, made once and
-handed to every trial. Besides the spec's shards, it serves the held-out shards that set reads.
+so the model is never used concurrently; so do the sparse-probing set (the tokenizer's one job) and feature
+absorption's LM part (its prompts' activations and the LM's letter probe), each made once and handed to every
+trial. Besides the spec's shards, it serves the held-out shards that the probing set reads.
 After serving shard i the producer prefetches the next ones, since every trial reads them in order.
 
 Trials use `RemoteActivations`, which looks like `csc.activations.source.Activations` to the training
@@ -24,6 +25,7 @@ import torch
 from csc.activations.probe_labels import ProbeLabels
 from csc.activations.source import Activations, Shard, Split
 from csc.config import TrainRunSpec
+from csc.pipeline.absorption import AbsorptionSet, absorption_set
 from csc.pipeline.dashboard import LmTables, lm_tables
 from csc.pipeline.probing import held_out_labels
 from csc.pipeline.run import splice_run
@@ -57,6 +59,7 @@ class ActivationProducer:
         self._held = 0
         self._pending: dict[tuple[Split, int], Future] = {}
         self._labels: Future | None = None
+        self._absorption: Future | None = None
         self.counts = {"requests": 0, "memory_hits": 0, "waited_on_pending": 0, "evaluations": 0}
 
     def info(self) -> dict[str, Any]:
@@ -70,6 +73,14 @@ class ActivationProducer:
             if self._labels is None:
                 self._labels = self._lm.submit(held_out_labels, self.spec, self.acts)
         return self._labels.result()
+
+    def absorption(self) -> AbsorptionSet:
+        """Feature absorption's LM part (csc.pipeline.absorption.absorption_set, with the sweep's eval settings),
+        made once; its error, if it has one, again on every call."""
+        with self._lock:
+            if self._absorption is None:
+                self._absorption = self._lm.submit(absorption_set, self.spec, self.acts)
+        return self._absorption.result()
 
     def shard(self, split: Split, i: int) -> Shard:
         # Beyond the spec's shards only the held-out ones that probing reads: any other index is a bug.
@@ -178,6 +189,9 @@ class RemoteActivations:
 
     def probe_labels(self) -> ProbeLabels:
         return ray.get(self.actor.probe_labels.remote())
+
+    def absorption(self) -> AbsorptionSet:
+        return ray.get(self.actor.absorption.remote())
 
     def splice(self, sae: SparseAutoencoder) -> dict[str, float]:
         state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}

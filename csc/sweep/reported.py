@@ -9,7 +9,8 @@ trainer builds for them (csc.sae.losses.build_terms), never listed apart.
 
 from __future__ import annotations
 
-from csc.config import CorpusSpec
+from csc.config import CorpusSpec, EvalSpec
+from csc.pipeline.absorption import ABSORPTION_METRICS
 from csc.pipeline.probing import PROBING_METRICS, probing_keys
 from csc.pipeline.run import METRIC_ORDER
 from csc.sae.archs import build_sae
@@ -30,11 +31,16 @@ GRAD_SHARE = "nce_grad_share"
 """The trainer measures InfoNCE's share of the encoder's gradient at the steps where it computes InfoNCE."""
 
 
-def held_out(corpus: CorpusSpec) -> frozenset[str]:
-    """The held-out figures every finished trial of a sweep on this corpus reports: HELD_OUT less the probing
-    figures of the tasks the corpus lacks (csc.pipeline.probing.probing_keys: no `seq` task without labels)."""
+def held_out(corpus: CorpusSpec, evals: EvalSpec = EvalSpec()) -> frozenset[str]:
+    """The held-out figures every finished trial of a sweep on this corpus, with these eval settings, reports:
+    HELD_OUT less the probing figures of the tasks the corpus lacks (csc.pipeline.probing.probing_keys: no `seq`
+    task without labels) and less absorption's without eval.absorption. Whether the LM probes enough letters for
+    absorption's SAE figures is known once the producer has made its part: the sweep checks that at its start."""
     produced = probing_keys(corpus)
-    return frozenset(HELD_OUT) - {EVAL_PREFIX + key for key, _ in PROBING_METRICS if key not in produced}
+    lacking = {key for key, _ in PROBING_METRICS if key not in produced}
+    if not evals.absorption:
+        lacking |= {key for key, _ in ABSORPTION_METRICS}
+    return frozenset(HELD_OUT) - {EVAL_PREFIX + key for key in lacking}
 
 
 def trial_metrics(sae: BaseSaeConfig, trainer: TrainerConfig) -> tuple[frozenset[str], frozenset[str]]:

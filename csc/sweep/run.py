@@ -24,9 +24,11 @@ from ray import tune
 
 from csc.activations.source import Activations
 from csc.errors import CscError
+from csc.pipeline.absorption import SAE_FIGURES
 from csc.sweep import report
 from csc.sweep.outcomes import CONFIGS_FILE, TRIALS_FILE, TrialRecords, error_reason, trial_name
 from csc.sweep.producer import NAMESPACE, start_producer
+from csc.sweep.reported import EVAL_PREFIX
 from csc.sweep.scheduler import scheduler
 from csc.sweep.search import searcher
 from csc.sweep.spec import SweepSpec
@@ -80,6 +82,15 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
         if isinstance(getattr(e, "cause", None), CscError):  # the error `csc train` gives, field named
             raise e.cause from None
         raise CscError(f"the sparse-probing set could not be made: {error_reason(str(e))}") from None
+    if spec.eval.absorption:  # absorption's LM part, made once for every trial, as the probing set is
+        try:
+            absorption = ray.get(producer.absorption.remote())
+        except ray.exceptions.RayError as e:
+            raise CscError(f"feature absorption's prompts and LM probe could not be made: "
+                           f"{error_reason(str(e))}") from None
+        wanted = [o.metric for o in spec.sweep.objectives if o.metric.removeprefix(EVAL_PREFIX) in SAE_FIGURES]
+        if wanted and absorption.reason is not None:  # else every trial would lack an objective
+            raise CscError(f"sweep.objectives: {', '.join(wanted)} cannot be measured: {absorption.reason}")
 
     # On --resume Tune restores the callback it pickled at the start (with its tracker), not this one.
     records = TrialRecords(spec_json, str(sweep_dir), tracker)

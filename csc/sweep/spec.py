@@ -21,6 +21,7 @@ from csc.sae.config import WARMUPS, TrainerConfig
 from csc.errors import SpecError
 from csc.sae.archs import ARCHITECTURES
 from csc.sae.trainer import TRAINING_METRICS
+from csc.pipeline.absorption import ABSORPTION_METRICS
 from csc.sweep.report import SEED
 from csc.sweep.reported import EVAL_PREFIX, HELD_OUT, held_out, trial_metrics
 
@@ -279,8 +280,12 @@ class SweepSpec(TrainRunSpec):
         if not reports:
             raise ValueError("sweep.search: no trial at the ends of the searched ranges and choices is a valid spec, "
                              "so none would report anything")
-        reported = held_out(self.corpus)  # the corpus is the base's in every trial
+        reported = held_out(self.corpus, self.eval)  # the corpus is the base's in every trial
         for n, objective in enumerate(self.sweep.objectives):
+            if objective.metric in HELD_OUT and objective.metric not in reported and \
+                    objective.metric in {EVAL_PREFIX + key for key, _ in ABSORPTION_METRICS}:
+                raise ValueError(f"sweep.objectives[{n}].metric: {objective.metric!r} is a figure of feature "
+                                 f"absorption, which eval.absorption false turns off: no trial would report it")
             if objective.metric in HELD_OUT and objective.metric not in reported:
                 raise ValueError(
                     f"sweep.objectives[{n}].metric: {objective.metric!r} is a figure of sparse probing's sequence "

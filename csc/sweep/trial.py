@@ -4,8 +4,9 @@ Every `trainer.log_every` steps the trial sends Tune the trainer's report (csc.s
 per-step metrics since the previous report, step, tokens, lr, the weights in force, tokens_per_s); every
 `checkpoint_every` steps that report carries a checkpoint (trainer state and the SAE's export in sae/), from
 which Tune resumes a paused, retried or interrupted trial at the same batch. After the last step it evaluates
-on held-out tokens (CE/KL in the producer; sparse probing here, over the probing set the producer made) and
-sends one final report with the held-out figures under `eval/` and a last checkpoint, which also holds
+on held-out tokens (CE/KL in the producer; sparse probing and feature absorption here, over the probing set and
+the absorption prompts' activations and LM letter probe that the producer made) and sends one final report with
+the held-out figures under `eval/` and a last checkpoint, which also holds
 eval.json and the feature dashboard (dashboard.html: statistics and contexts computed here, logit tables and
 token strings in the producer, so the trial never loads the LM).
 All trials read the same batches in the same order (the base spec's trainer.seed), so they differ only
@@ -76,7 +77,8 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
                                     start=trainer.batches_consumed), [hook])
 
     # The final report: ASHA stops a trial once it reaches trainer.steps, so nothing may come after it.
-    results, _ = evaluate_run(spec, trainer.model, acts, splice=acts.splice, labels=acts.probe_labels())
+    results, _ = evaluate_run(spec, trainer.model, acts, splice=acts.splice, labels=acts.probe_labels(),
+                              absorption=acts.absorption() if spec.eval.absorption else None)
     page = dashboard.build(spec, trainer.model, acts, results, tables=acts.logit_tables)
     report = hook.tag(trainer.last_report)
     report.update({EVAL_PREFIX + k: v for k, v in results.items()})
