@@ -55,8 +55,9 @@ class Captured:
     """[B, T, T] attention probabilities of layer L, averaged over heads (float32)."""
 
 
-@torch.inference_mode()
-def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captured:
+def _forward_to(model: nn.Module, layer: int, attention: bool, **inputs) -> dict[str, torch.Tensor]:
+    """Run `model` on `inputs` only until decoder layer `layer` has run: {"resid": its output [B, T, d], and with
+    `attention` "attn": its attention probabilities averaged over heads [B, T, T]}."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise InputError(f"activations.layer {layer} is out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
@@ -71,10 +72,10 @@ def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captu
         store["resid"] = out[0] if isinstance(out, tuple) else out
         raise _StopForward
 
-    handles = [_attention_module(layers[layer]).register_forward_hook(on_attn),
-               layers[layer].register_forward_hook(on_layer)]
+    handles = [_attention_module(layers[layer]).register_forward_hook(on_attn)] if attention else []
+    handles.append(layers[layer].register_forward_hook(on_layer))
     try:
-        base_model(model)(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        base_model(model)(use_cache=False, **inputs)
     except _StopForward:
         pass
     finally:
@@ -82,6 +83,12 @@ def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captu
             h.remove()
     if "resid" not in store:
         raise RuntimeError("the forward pass ended without reaching the hooked layer")
+    return store
+
+
+@torch.inference_mode()
+def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captured:
+    store = _forward_to(model, layer, attention=True, input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     return Captured(resid=store["resid"], attn=store["attn"])
 
 
@@ -98,22 +105,7 @@ def run_after_prefixes(model: nn.Module, prefixes: torch.Tensor, tokens: torch.T
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(T, T, dtype=dtype, device=prefixes.device).masked_fill(~allowed, torch.finfo(dtype).min)
     positions = torch.cat([torch.arange(P), torch.full((G,), P)]).to(prefixes.device)
-    layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise InputError(f"activations.layer {layer} is out of range: the model has {len(layers)} layers "
-                         f"(0..{len(layers) - 1})")
-    store: dict[str, torch.Tensor] = {}
-
-    def on_layer(_mod, _args, out):
-        store["resid"] = out[0] if isinstance(out, tuple) else out
-        raise _StopForward
-
-    handle = layers[layer].register_forward_hook(on_layer)
-    try:
-        base_model(model)(input_ids=torch.cat([prefixes, tokens], dim=1), attention_mask=mask.expand(B, 1, T, T),
-                          position_ids=positions.expand(B, T), use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return store["resid"][:, P:]
+    inputs = torch.cat([prefixes, tokens], dim=1)
+    resid = _forward_to(model, layer, attention=False, input_ids=inputs, attention_mask=mask.expand(B, 1, T, T),
+                        position_ids=positions.expand(B, T))["resid"]
+    return resid[:, P:]
