@@ -265,6 +265,16 @@ class EvalSpec(Spec):
     absorption_seed: int = 42
     """Seed of absorption's vocabulary draw, its train/test split, its prompts' in-context examples and its probes'
     initialisation and batches (SAEBench's random_seed)."""
+    dashboard_frequent: int = Field(16, ge=0)
+    """Feature dashboard (csc/pipeline/dashboard.py): how many of the latents that fire on the most held-out tokens
+    it shows, most frequent first."""
+    dashboard_sampled: int = Field(16, ge=0)
+    """How many other live latents (fired at least once on held-out tokens) it shows, drawn at random with
+    `dashboard_seed`: the frequent ones alone tell little about a dictionary of thousands."""
+    dashboard_seed: int = 0
+    """Seed of the dashboard's draw of sampled latents."""
+    dashboard_contexts: int = Field(8, ge=1)
+    """Top-activating held-out contexts shown per latent (one example per context)."""
 
 
 class TrainRunSpec(ActivationsRunSpec):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -121,3 +123,96 @@ def test_saebench_crosscheck_runs_its_help_and_table_without_saebench():
     assert rows[2][1:6] == ["0.9000", "0.8500", "0.0500", "-", "-"]
     assert rows[3][1:6] == ["-", "0.5000", "-", "-", "0.0100"]
     assert rows[4][2:4] == ["nan", "nan"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_contrastive_grid_computes_absorption_post_hoc_once(tmp_path, capsys, monkeypatch):
+    """--absorption: trials whose rows lack absorption get the figures absorption_scores gives their exported SAE
+    (on the LM part of their spec), cached beside the sweep and read back on a rerun; a sweep whose LM probe finds
+    too few letters shows why, not numbers."""
+    import json
+
+    import torch
+    import yaml
+
+    from csc.activations.source import Activations
+    from csc.config import load_spec
+    from csc.pipeline import absorption
+    from csc.pipeline.run import hook_info
+    from csc.sae.archs import build_sae
+    from csc.sae.export import load_sae, save_sae
+    from csc.sweep.spec import SweepSpec
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import contrastive_grid
+    finally:
+        sys.path.remove(str(BENCH))
+    search = {"trainer.gamma": {"type": "choice", "values": [0.0, 0.1]},
+              "trainer.seed": {"type": "choice", "values": [0, 1]}}
+    # Layer 1 of the tiny LM: its letter probe finds one letter of 52 words, enough at absorption_min_letters 1
+    data = {"model": {"name": "tiny-gemma2"}, "sae": {"dict_size": 64, "layer_norm": False},
+            "activations": {"layer": 1, "context_length": 32, "contexts_per_shard": 8, "lm_batch_size": 4,
+                            "train_tokens": 512, "eval_tokens": 256, "cache_dir": str(tmp_path / "cache")},
+            "trainer": {"steps": 200}, "eval": {"absorption_min_letters": 1},
+            "sweep": {"method": "grid", "search": search}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    spec = load_spec(SweepSpec, tmp_path / "s.yaml")
+
+    def sweep(name: str, sweep_spec: dict, params: list[dict], done: dict[int, dict] | None = None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "csc_sweep.json").write_text(json.dumps({"spec": sweep_spec}))
+        rows = []
+        for i, p in enumerate(params):
+            torch.manual_seed(i)
+            sae = build_sae(spec.sae.model_copy(update={"d_in": 64}))
+            save_sae(sae, folder / f"trial_{i:02d}" / "sae", hook_info(spec.trial(p), 0.5))
+            rows.append({"trial": f"trial_{i:02d}", "outcome": "finished", "params": p,
+                         "metrics": {"eval/l0": 30.0 + i, "eval/nce_chance": 6.0, **(done or {}).get(i, {})}})
+        (folder / "trials.json").write_text(json.dumps(rows))
+        return folder
+
+    params = [{"trainer.gamma": g, "trainer.seed": s} for g in (0.0, 0.1) for s in (0, 1)]
+    measured = {"eval/absorption_fraction": 0.5, "eval/absorption_letters": 1.0}
+    grid = sweep("grid", spec.model_dump(mode="json"), params, {3: measured})  # trial_03 measured when it trained
+    # A sweep from before absorption: its spec lacks the fields, which take their defaults (20 letters: too many)
+    old = spec.model_dump(mode="json")
+    old["eval"] = {k: v for k, v in old["eval"].items() if not k.startswith("absorption")}
+    before = sweep("before", old, [{"trainer.gamma": 0.1, "trainer.seed": 0}])
+
+    contrastive_grid.main([str(grid), str(before), "--absorption"])
+    out = capsys.readouterr().out
+    cached = json.loads((grid / contrastive_grid.POSTHOC_FILE).read_text())["trials"]
+    assert sorted(cached) == ["trial_00", "trial_01", "trial_02"]  # trial_03 has its own
+    trial = spec.trial(params[0])
+    lm_part = absorption.absorption_set(trial, Activations(trial))
+    for name in cached:
+        sae, _ = load_sae(grid / name / "sae")
+        want = absorption.absorption_scores(sae, lm_part, 0.5, trial.eval.absorption_seed)
+        assert set(want) == {"absorption_fraction", "absorption_full", "absorption_split_features",
+                             "absorption_letters"}, "the tiny LM's probe no longer finds a letter at layer 1"
+        assert cached[name]["figures"] == {f"eval/{k}": v for k, v in want.items()}
+        assert cached[name]["fields"]["eval.absorption_min_letters"] == 1 and cached[name]["commit"]
+    assert "(3 computed now, 0 read from" in out and "abs. letters†" in out
+    old_entry = json.loads((before / contrastive_grid.POSTHOC_FILE).read_text())["trials"]["trial_00"]
+    assert old_entry["figures"] == {"eval/absorption_letters": 1.0}  # the letter is there, 19 short
+    assert old_entry["fields"]["eval.absorption_min_letters"] == 20
+    assert "absorption's SAE figures left out for before/trial_00: the LM's first-letter probe reaches F1" in out
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed instead of read from the cache")
+
+    monkeypatch.setattr(absorption, "absorption_set", refuse)
+    monkeypatch.setattr(absorption, "absorption_scores", refuse)
+    contrastive_grid.main([str(grid), str(before), "--absorption"])
+    again = capsys.readouterr().out
+    assert "(0 computed now, 3 read from" in again
+    table = lambda text: [line for line in text.splitlines() if line.startswith("|")]  # noqa: E731
+    assert table(again) == table(out)
+    # Paired differences of the features (the last row of gamma 0.1 of the first sweep, whose spec has
+    # eval.absorption True where the second's has none: a column): seed 0's post-hoc figures against its twin's
+    # (seed 1's trials.json has no absorption_full)
+    paired = [line.split("|") for line in table(out) if line.startswith("| 0.1 | True |")]
+    want = cached["trial_02"]["figures"]["eval/absorption_full"] - cached["trial_00"]["figures"]["eval/absorption_full"]
+    assert paired[-1][-4].strip() == f"{want:.3f} ± 0.000"

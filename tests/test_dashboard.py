@@ -169,15 +169,31 @@ def test_train_run_dashboard_shows_the_held_out_data(trained):
     fires = (z != 0).sum(dim=(0, 1))
     frequent = [j for j, v in shown.latents.items() if v["group"] == "frequent"]
     sampled = [j for j, v in shown.latents.items() if v["group"] == "sampled"]
-    assert len(frequent) == dashboard.FREQUENT_LATENTS and len(sampled) == dashboard.SAMPLED_LATENTS
+    assert len(frequent) == spec.eval.dashboard_frequent and len(sampled) == spec.eval.dashboard_sampled
     assert min(fires[frequent]) >= max(fires[j] for j in range(fires.numel()) if j not in frequent)
     assert all(fires[j] > 0 for j in sampled)
     for j in frequent + sampled:
         peaks = [t["act"] for t in shown.latents[j]["tokens"] if t["peak"]]
         best = z[..., j].amax(dim=1).sort(descending=True).values
         assert peaks == pytest.approx(best[:len(peaks)].tolist(), rel=1e-4, abs=1e-5)
-        assert len(peaks) == min(dashboard.TOP_CONTEXTS, int((best > 0).sum()))
+        assert len(peaks) == min(spec.eval.dashboard_contexts, int((best > 0).sum()))
         assert shown.latents[j]["logit_rows"] == dashboard.LOGIT_TOKENS
+
+
+def test_dashboard_fields_set_the_latents_and_contexts_shown(trained):
+    spec, run = trained
+    sae, _ = load_sae(run / "sae")
+    shown = {}
+    for seed in (0, 1):
+        other = spec.model_copy(update={"eval": spec.eval.model_copy(update={
+            "dashboard_frequent": 3, "dashboard_sampled": 5, "dashboard_contexts": 2, "dashboard_seed": seed})})
+        shown[seed] = Page(dashboard.build(other, sae, Activations(other), {})).latents
+        groups = [v["group"] for v in shown[seed].values()]
+        assert groups.count("frequent") == 3 and groups.count("sampled") == 5
+        assert all(0 < v["contexts"] <= 2 for v in shown[seed].values())
+    frequent = [{j for j, v in s.items() if v["group"] == "frequent"} for s in shown.values()]
+    sampled = [{j for j, v in s.items() if v["group"] == "sampled"} for s in shown.values()]
+    assert frequent[0] == frequent[1] and sampled[0] != sampled[1]  # the seed draws the sampled ones only
 
 
 def test_train_run_dashboard_renders_in_headless_chromium(trained):
@@ -185,11 +201,11 @@ def test_train_run_dashboard_renders_in_headless_chromium(trained):
         if os.environ.get("CI"):
             pytest.fail("chromium is missing (CI installs the Debian package `chromium`)")
         pytest.skip("needs headless Chromium (Debian package `chromium`)")
-    _, run = trained
+    spec, run = trained
     source = Page((run / dashboard.FILE).read_text())
     dom = render_page((run / dashboard.FILE).resolve().as_uri(), wait_ms=1000)
     rendered = Page(dom)
-    assert len(rendered.latents) == dashboard.FREQUENT_LATENTS + dashboard.SAMPLED_LATENTS
+    assert len(rendered.latents) == spec.eval.dashboard_frequent + spec.eval.dashboard_sampled
     assert rendered.latents == source.latents  # every latent it claims, with its contexts, tokens and logit rows
     assert all(v["contexts"] > 0 and v["logit_rows"] > 0 for v in rendered.latents.values())
     assert "Feature dashboard: tiny-gemma2 layer 2" in dom

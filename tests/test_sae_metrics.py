@@ -78,25 +78,19 @@ def test_feature_density_histogram_against_manual_binning():
     assert below.counts.tolist() == [1, 0, 0, 0]
 
 
-def test_chunked_cross_entropy_and_kl_match_unchunked_loops():
+def test_cross_entropy_and_kl_from_log_probs_match_plain_loops():
     n, v = 37, 11
     clean, other = rand(n, v, seed=5), rand(n, v, seed=6)
     targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(0))
-    for chunk in (1, 5, 37, 100):
-        ce = metrics.token_cross_entropy(clean, targets, chunk_tokens=chunk)
-        kl = metrics.token_kl(clean, other, chunk_tokens=chunk)
-        for i in range(n):
-            lse = math.log(sum(math.exp(a) for a in clean[i].tolist()))
-            assert ce[i].item() == pytest.approx(lse - clean[i, targets[i]].item(), rel=1e-5)
-            p = F.softmax(clean[i], -1).tolist()
-            q = F.softmax(other[i], -1).tolist()
-            assert kl[i].item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)),
-                                                 rel=1e-4, abs=1e-6)
-    # [B, T, V] logits in bf16 are flattened and upcast per chunk.
-    ce3 = metrics.token_cross_entropy(clean.reshape(1, n, v).bfloat16(), targets.reshape(1, n), 8)
-    ref = F.cross_entropy(clean.bfloat16().float(), targets, reduction="none")
-    assert torch.allclose(ce3, ref, atol=1e-5)
-    assert metrics.token_kl(clean, clean).abs().max().item() < 1e-6
+    ce = metrics.token_cross_entropy(clean.log_softmax(-1), targets)
+    kl = metrics.token_kl(clean.log_softmax(-1), other.log_softmax(-1))
+    for i in range(n):
+        lse = math.log(sum(math.exp(a) for a in clean[i].tolist()))
+        assert ce[i].item() == pytest.approx(lse - clean[i, targets[i]].item(), rel=1e-5)
+        p = F.softmax(clean[i], -1).tolist()
+        q = F.softmax(other[i], -1).tolist()
+        assert kl[i].item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-4, abs=1e-6)
+    assert metrics.token_kl(clean.log_softmax(-1), clean.log_softmax(-1)).abs().max().item() < 1e-6
 
 
 def test_ce_loss_recovered():

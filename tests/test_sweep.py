@@ -180,7 +180,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
-    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 1000, "log_every": 50}, checkpoint_every=100,
+    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 400, "log_every": 20}, checkpoint_every=40,
                            num_samples=4, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -219,7 +219,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
         assert after[name].info.run_id == run_id
     for run in after.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == list(range(50, 1001, 50)), f"{run.info.run_name}: every step once"
+        assert steps == list(range(20, 401, 20)), f"{run.info.run_name}: every step once"
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
     assert sorted(r["trial"] for r in trials) == sorted(after)

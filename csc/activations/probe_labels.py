@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from csc.activations.contexts import ContextStream
 from csc.activations.corpus import labelled_documents
 from csc.config import EMBEDDED, ActivationsRunSpec, CorpusSpec, EvalSpec
 from csc.errors import CscError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SEQ, LETTER = "seq", "letter"
 TASKS = ((SEQ, "sequence label"), (LETTER, "first letter"))

@@ -21,11 +21,10 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from csc.sae.batch import ActivationBatch
 from csc.activations.cache import ShardCache
@@ -38,6 +37,9 @@ from csc.activations.models import (LanguageModel, check_model_spec, load_langua
                                     model_identity)
 from csc.config import ActivationsRunSpec, PairingRule
 from csc.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SPLITS: tuple[Split, ...] = ("train", "eval")
 

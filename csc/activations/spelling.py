@@ -34,13 +34,16 @@ from __future__ import annotations
 import random
 import string
 from itertools import groupby
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from csc.activations.capture import run_after_prefixes
 from csc.activations.models import LanguageModel
 from csc.activations.probe_labels import LETTERS, WORD_MARKERS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TEMPLATE_TAIL = " has the first letter:"
 """What follows the word in SAEBench's template "{word} has the first letter:"."""

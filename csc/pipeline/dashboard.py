@@ -1,10 +1,10 @@
 """Feature dashboards: what an SAE's latents respond to on held-out text, and what they write to the logits.
 
-For the FREQUENT_LATENTS latents that fire on the most held-out tokens, and SAMPLED_LATENTS others drawn at random
-(seed SAMPLE_SEED) among the live ones (those that fired at least once), the page (csc.pipeline.dashboard_html)
-shows:
-- top contexts: the TOP_CONTEXTS held-out contexts where the latent's largest activation is largest (one example
-  per context), each cut to BEFORE tokens before and AFTER after that maximum, every token shaded by the latent's
+For the `eval.dashboard_frequent` latents that fire on the most held-out tokens, and `eval.dashboard_sampled` others
+drawn at random (seed `eval.dashboard_seed`) among the live ones (those that fired at least once), the page
+(csc.pipeline.dashboard_html) shows:
+- top contexts: the `eval.dashboard_contexts` held-out contexts where the latent's largest activation is largest
+  (one example per context), each cut to BEFORE tokens before and AFTER after that maximum, every token shaded by the latent's
   activation;
 - its firing frequency and the histogram of its non-zero activations (csc.sae.latent_stats), beside the firing
   frequency histogram of every latent;
@@ -40,10 +40,6 @@ from csc.sae.metrics import feature_density_histogram
 from csc.sae.model import SparseAutoencoder
 
 FILE = "dashboard.html"
-FREQUENT_LATENTS = 16
-SAMPLED_LATENTS = 16
-SAMPLE_SEED = 0
-TOP_CONTEXTS = 8
 BEFORE, AFTER = 10, 5
 LOGIT_TOKENS = 10
 
@@ -97,10 +93,11 @@ def lm_tables(lm: LanguageModel, directions: torch.Tensor, token_ids: list[int],
     return LmTables(raises=table(up), lowers=table(down), strings={i: strings[i] for i in token_ids})
 
 
-def collect(sae: SparseAutoencoder, acts: ShardSource, contexts_per_batch: int) -> LatentStats:
-    """Every latent's statistics over every held-out anchor, `contexts_per_batch` contexts at a time. Context c is
-    row c % S of held-out shard c // S (S = contexts_per_shard)."""
-    stats = LatentStats(sae.cfg.dict_size, TOP_CONTEXTS)
+def collect(sae: SparseAutoencoder, acts: ShardSource, contexts_per_batch: int, top_contexts: int) -> LatentStats:
+    """Every latent's statistics over every held-out anchor, with its `top_contexts` top contexts,
+    `contexts_per_batch` contexts at a time. Context c is row c % S of held-out shard c // S (S =
+    contexts_per_shard)."""
+    stats = LatentStats(sae.cfg.dict_size, top_contexts)
     S = acts.spec.activations.contexts_per_shard
     for i in range(acts.n_shards["eval"]):
         sh = acts.shard("eval", i)
@@ -117,14 +114,14 @@ def _codes(sae: SparseAutoencoder, x: torch.Tensor, scale: float) -> torch.Tenso
     return sae.encode((x.float() * scale).reshape(-1, d).to(sae.W_dec.device)).reshape(n, T, -1)
 
 
-def choose_latents(stats: LatentStats) -> list[tuple[int, str]]:
-    """(latent, group): the FREQUENT_LATENTS most frequent, then SAMPLED_LATENTS random other live ones, each group
-    most frequent first."""
+def choose_latents(stats: LatentStats, n_frequent: int, n_sampled: int, seed: int) -> list[tuple[int, str]]:
+    """(latent, group): the n_frequent most frequent, then n_sampled random other live ones (drawn with `seed`), each
+    group most frequent first."""
     order = sorted(range(stats.fires.numel()), key=lambda j: (-int(stats.fires[j]), j))
     live = [j for j in order if stats.fires[j] > 0]
-    frequent, rest = live[:FREQUENT_LATENTS], live[FREQUENT_LATENTS:]
-    gen = torch.Generator().manual_seed(SAMPLE_SEED)
-    picked = {rest[i] for i in torch.randperm(len(rest), generator=gen)[:SAMPLED_LATENTS].tolist()}
+    frequent, rest = live[:n_frequent], live[n_frequent:]
+    gen = torch.Generator().manual_seed(seed)
+    picked = {rest[i] for i in torch.randperm(len(rest), generator=gen)[:n_sampled].tolist()}
     return [(j, "frequent") for j in frequent] + [(j, "sampled") for j in rest if j in picked]
 
 
@@ -164,10 +161,10 @@ def build(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource, results
     """The dashboard page of `sae` on the held-out split of `acts`, with its held-out figures `results` in the
     header. `tables(directions, token_ids)` computes what needs the LM; by default `acts` holds it."""
     sae = sae.to("cpu").eval()
-    a = spec.activations
+    a, e = spec.activations, spec.eval
     per_batch = max(1, spec.trainer.batch_size // (a.context_length - FIRST_ANCHOR))  # codes as large as training's
-    stats = collect(sae, acts, per_batch)
-    chosen = choose_latents(stats)
+    stats = collect(sae, acts, per_batch, e.dashboard_contexts)
+    chosen = choose_latents(stats, e.dashboard_frequent, e.dashboard_sampled, e.dashboard_seed)
     latents = [j for j, _ in chosen]
     windows = _windows(sae, acts, stats, latents, per_batch)
     ids = sorted({i for j in latents for tokens, *_ in windows[j] for i in tokens})
@@ -189,8 +186,9 @@ def build(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource, results
         subtitle=f"{stats.tokens:,} held-out tokens (positions >= {FIRST_ANCHOR} of {n_contexts} contexts); "
                  f"{len(latents)} latents shown of {int((stats.fires > 0).sum())} live",
         figures=results, density=feature_density_histogram(stats.fires, stats.tokens), latents=cards,
-        method=f"Latents: the {FREQUENT_LATENTS} that fire on the most held-out tokens, then {SAMPLED_LATENTS} drawn "
-               f"at random (seed {SAMPLE_SEED}) among the other live ones. Contexts: the {TOP_CONTEXTS} held-out "
+        method=f"Latents: the {e.dashboard_frequent} that fire on the most held-out tokens, then {e.dashboard_sampled} "
+               f"drawn at random (seed {e.dashboard_seed}) among the other live ones. Contexts: the "
+               f"{e.dashboard_contexts} held-out "
                f"contexts with the latent's largest activation (one per context), {BEFORE} tokens before and "
                f"{AFTER} after its maximum (boxed); each token's shade is its activation over the latent's largest. "
                f"Histogram: the latent's non-zero activations on held-out tokens. Raises / lowers: the change in the "

@@ -58,10 +58,11 @@ def _final_hidden(model: nn.Module, ids: torch.Tensor, layer: int,
             handle.remove()
 
 
-def _logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def _log_probs(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The LM's next-token log-probabilities [n, V] (fp32) from final hidden states h [n, d]."""
     logits = model.get_output_embeddings()(h).float()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return (torch.tanh(logits / cap) * cap if cap else logits).log_softmax(dim=-1)
 
 
 # (figure, run, per-token measure, tokens it is averaged over): csc's over every predicted position, SAEBench's
@@ -128,10 +129,10 @@ def splice_scores(model: nn.Module, sae: SparseAutoencoder, contexts: torch.Tens
         targets = ids.roll(-1, dims=1).reshape(-1)  # ids[t + 1]; the last column is masked out
         for s in range(0, targets.numel(), chunk_tokens):
             sl = slice(s, s + chunk_tokens)
-            clean = _logits(model, hidden["clean"][sl])
+            clean = _log_probs(model, hidden["clean"][sl])
             per_run = {"clean": {"ce": metrics.token_cross_entropy(clean, targets[sl])}}
             for name in runs:
-                other = _logits(model, hidden[name][sl])
+                other = _log_probs(model, hidden[name][sl])
                 per_run[name] = {"ce": metrics.token_cross_entropy(other, targets[sl]),
                                  "kl": metrics.token_kl(clean, other)}
             per_run.setdefault("sb_spliced", per_run["spliced"])

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from csc.sae.losses import WEIGHT_NAMES  # noqa: E402
-from csc.sae.metrics import DensityHistogram  # noqa: E402
-from csc.sae.trainer import TRAINING_METRICS  # noqa: E402
+from csc.headless import pyplot
+from csc.sae.losses import WEIGHT_NAMES
+from csc.sae.metrics import DensityHistogram
+from csc.sae.trainer import TRAINING_METRICS
 
 LABELS = {"loss": "total loss", "mse": "MSE", "l1": "L1", "l0_penalty": "L0 penalty", "nce": "InfoNCE",
           "auxk": "AuxK", "ev": "explained variance (batch)", "l0": "L0", "dead_frac": "dead fraction (window)",
@@ -24,6 +20,7 @@ def training_curves(rows: list[dict[str, float]], path: Path, title: str = "") -
     keys = [k for k in TRAINING_METRICS if any(k in r for r in rows)]
     weights = [w for w in WEIGHT_NAMES if w != "alpha" and any(w in r for r in rows)]
     n = len(keys) + 1
+    plt = pyplot()
     fig, axes = plt.subplots(-(-n // 4), 4, figsize=(16, 3.25 * -(-n // 4)), squeeze=False)
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes.flat, keys):
@@ -47,6 +44,7 @@ def training_curves(rows: list[dict[str, float]], path: Path, title: str = "") -
 
 
 def density_histogram(hist: DensityHistogram, path: Path, title: str = "") -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     edges = hist.edges.tolist()
     ax.bar(edges[:-1], hist.counts.tolist(), width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge")

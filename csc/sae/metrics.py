@@ -92,38 +92,17 @@ def feature_density_histogram(fire_counts: torch.Tensor, n_tokens: int, bins: in
     return DensityHistogram(edges, counts, int((~fired).sum()))
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+def token_cross_entropy(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy [N] of log-probabilities [N, V] (log_softmax of the logits) against targets [N].
+
+    log_probs[i] must already be the prediction for targets[i] (the caller shifts). Callers take the log_softmax
+    once per run and share it between its CE and its KL: over a 262k vocabulary it costs as much as the rest."""
+    return -log_probs.gather(1, targets[:, None]).squeeze(1)
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                        chunk_tokens: int = 512) -> torch.Tensor:
-    """Per-token cross entropy [N] of logits [..., V] against targets [...].
-
-    logits[i] must already be the prediction for targets[i] (the caller shifts). Chunks of
-    `chunk_tokens` rows are upcast to fp32 one at a time, so extra memory is chunk_tokens * V
-    floats, not N * V (a 262k vocabulary makes the difference).
-    """
-    logits = logits.reshape(-1, logits.shape[-1])
-    targets = targets.reshape(-1)
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for s in _chunks(logits.shape[0], chunk_tokens):
-        out[s] = F.cross_entropy(logits[s].float(), targets[s], reduction="none")
-    return out
-
-
-def token_kl(clean_logits: torch.Tensor, other_logits: torch.Tensor,
-             chunk_tokens: int = 512) -> torch.Tensor:
-    """Per-token KL(clean || other) [N] in nats, chunked like token_cross_entropy."""
-    clean = clean_logits.reshape(-1, clean_logits.shape[-1])
-    other = other_logits.reshape(-1, other_logits.shape[-1])
-    out = torch.empty(clean.shape[0], dtype=torch.float32, device=clean.device)
-    for s in _chunks(clean.shape[0], chunk_tokens):
-        log_p = F.log_softmax(clean[s].float(), dim=-1)
-        log_q = F.log_softmax(other[s].float(), dim=-1)
-        out[s] = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    return out
+def token_kl(clean_log_probs: torch.Tensor, other_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(clean || other) [N] in nats, from log-probabilities [N, V]."""
+    return (clean_log_probs.exp() * (clean_log_probs - other_log_probs)).sum(dim=-1)
 
 
 def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> float:

@@ -1,6 +1,6 @@
 """Sweep summaries from plain trial rows: CSV table, Pareto and progression figures, best trials.
 
-Pure stdlib + matplotlib (never imports Ray or MLflow), so reports can be redrawn from saved rows anywhere.
+Pure stdlib + matplotlib, imported when a figure is drawn (never imports Ray or MLflow), so reports can be redrawn from saved rows anywhere.
 """
 
 from __future__ import annotations
@@ -13,16 +13,13 @@ import re
 import statistics
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from csc.headless import pyplot
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LogNorm, Normalize  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure
 
 CE_HEADLINE = ["eval/ce_loss_recovered", "eval/delta_ce", "eval/kl_spliced"]
 """CE loss recovered with its scale beside it wherever it is shown: a ratio alone hides how much the SAE costs the
@@ -160,22 +157,25 @@ def pareto_front(points: list[tuple[float, float]], minimize_x: bool = True, max
     return front
 
 
-def _gamma_scale(rows: list[dict]) -> plt.cm.ScalarMappable | None:
+def _gamma_scale(rows: list[dict]) -> ScalarMappable | None:
     """One colour scale over these trials' gamma (log when all positive and spanning >10x); None when not searched."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm, Normalize
+
     g = [v for r in rows if (v := _num((r.get("params") or {}).get(GAMMA))) is not None]
     if not g:
         return None
-    return plt.cm.ScalarMappable((LogNorm if _spans_decade(g) else Normalize)(min(g), max(g)), "viridis")
+    return ScalarMappable((LogNorm if _spans_decade(g) else Normalize)(min(g), max(g)), "viridis")
 
 
 def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
     """pareto_figure(rows), as a PNG."""
     fig = pareto_figure(rows)
     fig.savefig(path_png, dpi=90)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
-def pareto_figure(rows: list[dict]) -> plt.Figure:
+def pareto_figure(rows: list[dict]) -> Figure:
     """L0 vs (a) explained variance, (b) CE loss recovered, and its scale: (c) delta CE in nats, (d) KL(clean || SAE);
     front of the finished trials (low L0; high y for (a), (b), low y for (c), (d)). Where configurations ran over
     several seeds (`repeated`), a finished point is a configuration all of whose seeds finished: the mean over
@@ -204,7 +204,9 @@ def pareto_figure(rows: list[dict]) -> plt.Figure:
               ("(d) KL(clean || SAE)", xy(finished, "eval/l0", "eval/kl_spliced"), [], False)]
     # Scaled on the trials drawn, so a failed trial's extreme gamma does not squeeze the colours.
     sm = _gamma_scale([p[2] for _, fin, early, _ in panels for p in fin + early])
-    fig, axes = plt.subplots(2, 2, figsize=(13, 10), layout="constrained")
+    from matplotlib.lines import Line2D
+
+    fig, axes = pyplot().subplots(2, 2, figsize=(13, 10), layout="constrained")
     for ax, (label, fin, early, higher_better) in zip(axes.flat, panels):
         handles = []
         if fin:
@@ -246,6 +248,10 @@ def progression_plot(rows: list[dict], path_png: str | Path) -> None:
     params = [p for p in _params(rows) if p != "sae.dict_size"]  # the dictionary-size panel already shows it
     panels = [("loss", "final loss"), ("mse", "final MSE"), ("dict_size", "dict size"), *((p, p) for p in params)]
     xs, colours = list(range(len(rows))), [OUTCOMES.get(r.get("outcome"), "0.5") for r in rows]
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import NullFormatter
+
+    plt = pyplot()
     fig, axes = plt.subplots(len(panels) + 1, 1, sharex=True, squeeze=False, layout="constrained",
                              figsize=(max(8.0, 0.45 * len(rows) + 4), 1.4 * len(panels) + 3.2))
     axes = axes[:, 0]
