@@ -50,7 +50,8 @@ part of all V words. The L1 probe keeps SAEBench's number of optimiser steps: ea
 ceil(0.8 V / 4096) batches (28 on Gemma 3's tokenizer: V = 139,533; SAEBench's list has 52 more entries, byte-fallback
 tokens that duplicate a single letter's) of min(4096, 0.8 W) train words, since one or two passes over 0.8 W words per
 epoch would leave it 50-100 steps, too few to move its weights past their initialisation. The LM probe's epochs are
-passes over the 0.8 W train words (125 batches at W = 10,000, 1,745 in SAEBench's). A letter with no train word gets pos_weight 1 (SAEBench's vocabulary has every letter, and would divide by zero); k-probes are fitted
+passes over the 0.8 W train words (125 batches at W = 10,000, 1,745 in SAEBench's). A letter with no train word
+gets pos_weight 1 (SAEBench's vocabulary has every letter, and would divide by zero); k-probes are fitted
 only for letters in L and only up to the k where the split search stops (the figures use no other); A = 0 counts as
 no absorption (SAEBench divides by it); SAEBench's standard deviations over letters are not reported.
 

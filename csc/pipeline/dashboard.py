@@ -4,8 +4,8 @@ For the `eval.dashboard_frequent` latents that fire on the most held-out tokens,
 drawn at random (seed `eval.dashboard_seed`) among the live ones (those that fired at least once), the page
 (csc.pipeline.dashboard_html) shows:
 - top contexts: the `eval.dashboard_contexts` held-out contexts where the latent's largest activation is largest
-  (one example per context), each cut to BEFORE tokens before and AFTER after that maximum, every token shaded by the latent's
-  activation;
+  (one example per context), each cut to BEFORE tokens before and AFTER after that maximum, every token shaded by
+  the latent's activation;
 - its firing frequency and the histogram of its non-zero activations (csc.sae.latent_stats), beside the firing
   frequency histogram of every latent;
 - logit tables: the LOGIT_TOKENS tokens whose logits its decoder direction raises and lowers most (`lm_tables`).
@@ -188,8 +188,8 @@ def build(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource, results
         figures=results, density=feature_density_histogram(stats.fires, stats.tokens), latents=cards,
         method=f"Latents: the {e.dashboard_frequent} that fire on the most held-out tokens, then {e.dashboard_sampled} "
                f"drawn at random (seed {e.dashboard_seed}) among the other live ones. Contexts: the "
-               f"{e.dashboard_contexts} held-out "
-               f"contexts with the latent's largest activation (one per context), {BEFORE} tokens before and "
+               f"{e.dashboard_contexts} held-out contexts with the latent's largest activation (one per context), "
+               f"{BEFORE} tokens before and "
                f"{AFTER} after its maximum (boxed); each token's shade is its activation over the latent's largest. "
                f"Histogram: the latent's non-zero activations on held-out tokens. Raises / lowers: the change in the "
                f"LM's logits when its last hidden state is the latent's decoder direction, through the LM's final "

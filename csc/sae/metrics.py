@@ -96,7 +96,8 @@ def token_cross_entropy(log_probs: torch.Tensor, targets: torch.Tensor) -> torch
     """Per-token cross entropy [N] of log-probabilities [N, V] (log_softmax of the logits) against targets [N].
 
     log_probs[i] must already be the prediction for targets[i] (the caller shifts). Callers take the log_softmax
-    once per run and share it between its CE and its KL: over a 262k vocabulary it costs as much as the rest."""
+    once per run and share it between its CE and its KL: over a 262k vocabulary one costs about a sixth of the
+    unembedding matmul that makes the logits (measured on CPU)."""
     return -log_probs.gather(1, targets[:, None]).squeeze(1)
 
 

@@ -1,6 +1,7 @@
 """Sweep summaries from plain trial rows: CSV table, Pareto and progression figures, best trials.
 
-Pure stdlib + matplotlib, imported when a figure is drawn (never imports Ray or MLflow), so reports can be redrawn from saved rows anywhere.
+Pure stdlib + matplotlib, imported when a figure is drawn (never imports Ray or MLflow), so reports can be redrawn
+from saved rows anywhere.
 """
 
 from __future__ import annotations
