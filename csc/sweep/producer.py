@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -58,8 +59,7 @@ class ActivationProducer:
         self._memory: OrderedDict[tuple[Split, int], Shard] = OrderedDict()
         self._held = 0
         self._pending: dict[tuple[Split, int], Future] = {}
-        self._labels: Future | None = None
-        self._absorption: Future | None = None
+        self._once: dict[str, Future] = {}  # what is made once for every trial, by name
         self.counts = {"requests": 0, "memory_hits": 0, "waited_on_pending": 0, "evaluations": 0}
 
     def info(self) -> dict[str, Any]:
@@ -69,18 +69,19 @@ class ActivationProducer:
     def probe_labels(self) -> ProbeLabels:
         """The sparse-probing set (csc.pipeline.probing.held_out_labels), made once; its error, if it has one,
         again on every call."""
-        with self._lock:
-            if self._labels is None:
-                self._labels = self._lm.submit(held_out_labels, self.spec, self.acts)
-        return self._labels.result()
+        return self._made_once("probe_labels", held_out_labels)
 
     def absorption(self) -> AbsorptionSet:
         """Feature absorption's LM part (csc.pipeline.absorption.absorption_set, with the sweep's eval settings),
         made once; its error, if it has one, again on every call."""
+        return self._made_once("absorption", absorption_set)
+
+    def _made_once(self, name: str, make: Callable[[TrainRunSpec, Activations], Any]) -> Any:
+        """make(spec, acts) on the LM's thread, the first time `name` is asked for; its result (or its error) after."""
         with self._lock:
-            if self._absorption is None:
-                self._absorption = self._lm.submit(absorption_set, self.spec, self.acts)
-        return self._absorption.result()
+            if name not in self._once:
+                self._once[name] = self._lm.submit(make, self.spec, self.acts)
+        return self._once[name].result()
 
     def shard(self, split: Split, i: int) -> Shard:
         # Beyond the spec's shards only the held-out ones that probing reads: any other index is a bug.
