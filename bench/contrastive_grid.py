@@ -151,10 +151,11 @@ def posthoc_absorption(sweep_dir: Path, trials: list[tuple[dict[str, Any], dict[
                   file=sys.stderr, flush=True)
             continue
         spec = sweep.trial(row["params"])
-        fields = {**absorption_fields(spec), "sae_sha256": file_digest(*files)}
+        lm_fields = absorption_fields(spec)
+        fields = {**lm_fields, "sae_sha256": file_digest(*files)}
         entry = entries.get(name)
         if entry is None or entry.get("fields") != fields:
-            key = json.dumps(absorption_fields(spec), sort_keys=True)
+            key = json.dumps(lm_fields, sort_keys=True)
             if key not in lm_parts:
                 print(f"absorption post hoc: LM part ({spec.model.name}, layer {spec.activations.layer}, "
                       f"{spec.eval.absorption_words} words, seed {spec.eval.absorption_seed}) ...",
