@@ -14,7 +14,7 @@ tau 1, the same batches in the same order:
   per-dim MSE, data start   today's defaults
 Columns: training L0 and EV of step 0's batch (before its update), the report after the warm-ups, the last
 report; nce_grad_share (InfoNCE's share of the gradient on the anchors' pre-activations, mean over the steps
-after the warm-ups); held-out EV, L0 and InfoNCE (chance is about ln of the batch size).
+after the warm-ups that measure it: the last of each report); held-out EV, L0 and InfoNCE (chance is about ln of the batch size).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import os
 import platform
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def run(spec: TrainRunSpec, acts: Activations, summed: bool, data_start: bool) -
                                     temperature=tr.temperature, hard_negatives=tr.hard_negatives)
     s0, sw, sl = rec.steps[0], rec.steps[warm - 1], rec.steps[-1]
     return {"l0_0": s0["l0"], "ev_0": s0["ev"], "l0_w": sw["l0"], "ev_w": sw["ev"], "l0_end": sl["l0"], "ev_end": sl["ev"],
-            "share": sum(m["nce_grad_share"] for m in after) / len(after), "warm": warm,
+            "share": statistics.fmean(m["nce_grad_share"] for m in after if "nce_grad_share" in m), "warm": warm,
             "ho_ev": held["explained_variance"], "ho_l0": held["l0"], "ho_nce": held["nce"],
             "ho_chance": held["nce_chance"]}
 

@@ -8,9 +8,12 @@ the training tokens each, the base spec's batches, beta spread over the K trials
              RemoteActivations (the next shard is fetched while the current one trains)
   own LM     each trial builds its own Activations on a private cache folder, so it loads and runs the LM itself
              (what you get by launching K independent `csc train` jobs on machines with no shared cache)
-Columns: LM tokens forwarded per trained token (ideal for the shared arm: 1/K of the own-LM arm) and wall time
-from the first trial submitted to the last one done (the producer's start included). Tune, checkpoints and
-MLflow are left out of both arms: they cost the same in each.
+Columns: LM tokens forwarded per trained token (ideal for the shared arm: 1/K of the own-LM arm), wall time
+from the first trial submitted to the last one done (the producer's start included), and the cost model's ideal
+wall ratio K (L + S) / (L + K S): the work of K own-LM trials over the work of one LM pass and K trainings, with
+L = an own-LM trial's LM seconds and S = the rest of its time (loading, batching, training), both measured in the
+own-LM arm of the same run: what sharing would gain if every core were busy all the time in both arms. Tune,
+checkpoints and MLflow are left out of both arms: they cost the same in each.
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 
 @ray.remote
 def trial(spec_json: str, beta: float, sweep: str | None) -> dict[str, float]:
+    t0 = time.perf_counter()
     torch.set_num_threads(1)
     spec = TrainRunSpec.model_validate_json(spec_json)
     spec = spec.model_copy(update={"trainer": spec.trainer.model_copy(update={"beta": beta})})
     acts = RemoteActivations(spec, sweep) if sweep else Activations(spec)
     trainer = Trainer(spec.sae.model_copy(update={"d_in": acts.d_model}), spec.trainer)
     trainer.fit(training_stream(acts, spec.trainer.batch_size, spec.trainer.seed))
-    return {"trained_tokens": trainer.tokens, "lm_tokens": 0 if sweep else acts.lm_tokens}
+    return {"trained_tokens": trainer.tokens, "lm_tokens": 0 if sweep else acts.lm_tokens,
+            "lm_seconds": 0.0 if sweep else acts.lm_seconds, "seconds": time.perf_counter() - t0}
 
 
 def fresh_cache(root: Path) -> Path:
@@ -77,7 +82,9 @@ def run_arm(base: TrainRunSpec, k: int, shared: bool, work: Path, trial_cpus: fl
     if producer is not None:
         ray.kill(producer)
     trained = sum(r["trained_tokens"] for r in results)
-    return {"wall": wall, "lm_tokens": lm_tokens, "trained": trained}
+    lm = sum(r["lm_seconds"] for r in results) / k  # own LM: one trial's LM time (its whole pass), else 0
+    return {"wall": wall, "lm_tokens": lm_tokens, "trained": trained, "L": lm,
+            "S": sum(r["seconds"] for r in results) / k - lm}
 
 
 def main() -> None:
@@ -116,14 +123,16 @@ def main() -> None:
           f"x batch {base.trainer.batch_size} per trial, gamma {a.gamma}, {a.concurrent} trials at a time on "
           f"{cpus} CPUs")
     print("| K | LM tokens / trained token, shared | own LM | ratio (ideal 1/K) | wall shared | wall own LM "
-          "| wall ratio own/shared |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "| wall ratio own/shared | cost-model ideal K(L+S)/(L+KS) | L, S (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     by = {(k, s): r for k, s, r in rows}
     for k in a.k:
         s, o = by[(k, True)], by[(k, False)]
         fs, fo = s["lm_tokens"] / s["trained"], o["lm_tokens"] / o["trained"]
+        L, S = o["L"], o["S"]
         print(f"| {k} | {fs:.3f} | {fo:.3f} | {fs / fo:.3f} (1/{k} = {1 / k:.3f}) | {s['wall']:.0f} s "
-              f"| {o['wall']:.0f} s | {o['wall'] / s['wall']:.2f}x |")
+              f"| {o['wall']:.0f} s | {o['wall'] / s['wall']:.2f}x | {k * (L + S) / (L + k * S):.2f}x "
+              f"| {L:.0f}, {S:.0f} |")
 
 
 if __name__ == "__main__":

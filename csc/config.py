@@ -129,6 +129,23 @@ class ActivationSpec(Spec):
     sweep compares it against. Every shard stores all four rules' partners over the same anchors, so
     this field is not part of the activation cache key: trials with different rules share one cache and
     one producer, at identical token budgets."""
+    batching: Literal["tokens", "contexts"] = "tokens"
+    """How training batches are cut from the shards (csc.activations.source.shard_batches). `tokens` (default):
+    anchors drawn one by one from the shuffled tokens of `shuffle_shards` shards, so a batch holds a few tokens of
+    hundreds of contexts; each partner's activation travels with its anchor and is encoded apart (+4·B·d·m FLOPs a
+    step, 40% of a plain step). `contexts`: a batch holds the anchors of whole contexts in a row (about
+    trainer.batch_size / (context_length - 2) of them, the first and last possibly cut), so an anchor's partner is
+    another anchor of the batch, whose code the step computes anyway: no second encoder pass. Anchors whose
+    partner is not in the batch (position 1, which is no anchor, or a cut context's other part) get no InfoNCE
+    term; they still reconstruct and serve as negatives. `tokens` is the default because batches of a few
+    contexts train worse SAEs: at the quickstart's budget, 3 seeds, matched L0, the plain SAE lost 0.04 EV and
+    0.33 nats of delta CE with `contexts` (bench/README.md section 2b). Not part of the cache key: trials may
+    differ in it. Held-out figures always read `tokens` batches of one shard at a time, so they compare across
+    both."""
+    shuffle_shards: int = Field(4, ge=1)
+    """Training batches are drawn from windows of this many consecutive shards, whose contexts (`contexts`) or
+    tokens (`tokens`) are shuffled together, so that consecutive batches do not repeat the same contexts. Each
+    trial holds one window in memory (shuffle_shards x contexts_per_shard x context_length x d_model floats)."""
     cache_dir: Path | None = None
     """Root of csc's caches (converted models, activation shards). Default: $CSC_CACHE_DIR or ~/.cache/csc."""
 

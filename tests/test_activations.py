@@ -1,15 +1,19 @@
-"""The activation pipeline on a tiny random Gemma2: hook, partners, early stop, cache, batches."""
+"""The activation pipeline on a tiny random Gemma2: hook, partners, early stop, cache, batches; and attention
+(sdpa with eager probabilities at the hooked layer) on a tiny random Gemma 3 and the embedded one."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from csc.activations.capture import decoder_layers, run_to_layer
+from csc.activations.cache import ShardCache
+from csc.activations.capture import SDPA_EAGER_PROBS, decoder_layers, run_to_layer, use_attention
 from csc.activations.pairing import attended_partners
 from csc.activations.corpus import documents
-from csc.activations.models import build_tiny_gemma2, load_language_model
+from csc.activations.models import (ModelFacts, attention_for, build_tiny_gemma2, check_model_spec,
+                                    load_language_model)
 from csc.activations.source import Activations
 from csc.config import ActivationsRunSpec, CorpusSpec, ModelSpec, load_spec
 from csc.errors import InputError
@@ -74,6 +78,91 @@ def test_partners_equal_attention_argmax_never_self_or_bos(tiny):
             best = max(cands, key=lambda j: (ref_attn[b, t, j].item(), -j))
             assert partner[b, t].item() == best, (b, t)
             assert 1 <= partner[b, t] < t
+
+
+# ---------------------------------------------------------------- attention: sdpa, eager probabilities at layer L
+
+def tiny_gemma3(attention: str):
+    """A random Gemma 3 (no attention soft-cap) of 4 layers, sliding and full; its window of 8 tokens is shorter
+    than the test contexts, so the sliding layers' masks are materialised (not left to sdpa's is_causal)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                           sliding_window=8, attn_implementation="eager", pad_token_id=0, eos_token_id=1,
+                           bos_token_id=2, layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    use_attention(model, attention)
+    return model
+
+
+def _eager_calls(monkeypatch, model) -> list[int]:
+    """Records the layer of every call of the model's eager attention function."""
+    module = sys.modules[type(decoder_layers(model)[0].self_attn).__module__]
+    eager, calls = module.eager_attention_forward, []
+
+    def counted(mod, *args, **kwargs):
+        calls.append(mod.layer_idx)
+        return eager(mod, *args, **kwargs)
+
+    monkeypatch.setattr(module, "eager_attention_forward", counted)
+    return calls
+
+
+def test_sdpa_with_eager_probabilities_matches_all_eager_on_gemma3(monkeypatch):
+    fast, eager = tiny_gemma3(SDPA_EAGER_PROBS), tiny_gemma3("eager")
+    assert fast.config._attn_implementation == SDPA_EAGER_PROBS and eager.config._attn_implementation == "eager"
+    ids = _ids(batch=3, T=24)
+    with torch.no_grad():
+        sdpa_states = fast(input_ids=ids, output_hidden_states=True).hidden_states
+    calls = _eager_calls(monkeypatch, fast)
+    for layer in range(4):
+        got = run_to_layer(fast, ids, layer)
+        assert calls == [layer], "eager attention runs in the hooked layer only"
+        want = run_to_layer(eager, ids, layer)
+        assert calls == [layer, *range(layer + 1)]
+        calls.clear()
+        torch.testing.assert_close(got.attn, want.attn, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.resid, want.resid, atol=1e-5, rtol=1e-6)
+        if layer < 3:  # the last entry of hidden_states has the final norm applied
+            assert torch.equal(got.resid, sdpa_states[layer + 1]), "resid_post is the sdpa forward's, bit for bit"
+    with torch.no_grad():
+        fast(input_ids=ids)
+    assert calls == [], "a forward that reads no probabilities is plain sdpa"
+
+
+def test_a_soft_capped_model_or_one_without_sdpa_keeps_eager_in_every_layer():
+    assert attention_for(attn_softcap=50.0, supports_sdpa=True) == "eager"  # sdpa cannot apply a soft-cap
+    assert attention_for(attn_softcap=None, supports_sdpa=False) == "eager"
+    assert attention_for(attn_softcap=None, supports_sdpa=True) == SDPA_EAGER_PROBS
+    assert check_model_spec(ModelSpec(name="tiny-gemma2")).attention == "eager"  # Gemma 2: soft-cap 50, no sdpa
+    assert load_language_model(ModelSpec(name="tiny-gemma2"), Path()).model.config._attn_implementation == "eager"
+    assert ModelFacts.of(tiny_gemma3("eager").config).attention == SDPA_EAGER_PROBS
+    assert check_model_spec(ModelSpec()).attention == SDPA_EAGER_PROBS  # the embedded Gemma 3: no soft-cap
+
+
+def test_the_attention_implementation_is_part_of_the_cache_key(cache):
+    acts = Activations(tiny_spec(cache))
+    fields = acts.caches["train"].fields
+    assert fields["attention"] == "eager"
+    assert ShardCache(cache, {**fields, "attention": SDPA_EAGER_PROBS}).key != acts.caches["train"].key
+    embedded = Activations(load_spec(ActivationsRunSpec, None, [f"activations.cache_dir={cache}"]))
+    assert embedded.caches["train"].fields["attention"] == SDPA_EAGER_PROBS and embedded._lm is None
+
+
+@pytest.mark.slow
+def test_embedded_gemma3_sdpa_with_eager_probabilities_matches_all_eager(embedded_cache):
+    lm = load_language_model(ModelSpec(), embedded_cache)
+    assert lm.model.config._attn_implementation == SDPA_EAGER_PROBS
+    text = next(documents(CorpusSpec(), "train"))
+    ids = torch.tensor([[lm.bos_token_id, *lm.tokenizer(text, add_special_tokens=False)["input_ids"][:127]]])
+    got = run_to_layer(lm.model, ids, 12)
+    use_attention(lm.model, "eager")
+    want = run_to_layer(lm.model, ids, 12)
+    torch.testing.assert_close(got.attn, want.attn, atol=1e-5, rtol=0)
+    scale = want.resid.norm(dim=-1, keepdim=True)  # BOS's norm is ~7x the rest: compare each token to its own
+    assert ((got.resid - want.resid).norm(dim=-1, keepdim=True) / scale).max() < 1e-5
 
 
 def test_cache_round_trips_bit_exactly_without_running_the_lm(cache):

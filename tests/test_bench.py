@@ -20,12 +20,16 @@ def run(script: str, *args: str, cache: Path | None = None) -> str:
 
 
 def test_sae_step_prints_its_table():
-    out = run("sae_step.py", "--d", "32", "--dict", "64", "--batch", "64", "--steps", "2", "--rounds", "1")
+    out = run("sae_step.py", "--d", "32", "--dict", "64", "--batch", "64", "--steps", "2", "--rounds", "1",
+              "--negatives", "16")
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     names = [r.split("|")[1].strip() for r in rows]
-    assert {"plain PyTorch SAE step", "csc trainer, gamma=0", "csc trainer, gamma=0.1 (contrastive)",
-            "partner encode, forward + backward"} <= set(names)
-    assert "contrastive term overhead:" in out
+    assert {"plain PyTorch SAE step", "csc trainer, gamma=0", "csc trainer, gamma=0.1, partners in the batch",
+            "csc trainer, gamma=0.1, encoded partners", "csc trainer, gamma=0.1, partners in the batch, 16 negatives",
+            "dense, all B (csc)", "sparse codes, all B (CSR x dense)"} <= set(names)
+    # one line per contrastive row; bounds from the shapes: 4·B²·m, + 4·B·d·m, 6·B·N·m over 10·B·d·m
+    bounds = [line.split("arithmetic bound: ")[1] for line in out.splitlines() if "contrastive overhead:" in line]
+    assert bounds == ["80%)", "120%)", "30%)"]
 
 
 def test_producer_throughput_on_the_tiny_model(tmp_path):

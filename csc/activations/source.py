@@ -21,14 +21,14 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from csc.sae.batch import ActivationBatch
 from csc.activations.cache import ShardCache
-from csc.activations.capture import run_to_layer
+from csc.activations.capture import run_to_layer, to_host
 from csc.activations.pairing import (FIRST_ANCHOR, RULES, attention_partners, check_partners, position_partners,
                                      shard_seed, tensor_name)
 from csc.activations.contexts import ContextStream
@@ -75,7 +75,7 @@ class Activations:
         ident = {"model": model_identity(spec.model), "layer": a.layer, "corpus": corpus_identity(spec.corpus),
                  "holdout_fraction": spec.corpus.holdout_fraction, "context_length": a.context_length,
                  "contexts_per_shard": a.contexts_per_shard, "store_dtype": a.store_dtype,
-                 "hook": "resid_post"}
+                 "hook": "resid_post", "attention": facts.attention}
         self.caches = {s: ShardCache(a.cache_root, {**ident, "split": s}) for s in SPLITS}
         shard_tokens = a.contexts_per_shard * a.context_length
         self.n_shards = {"train": math.ceil(a.train_tokens / shard_tokens),
@@ -146,11 +146,15 @@ class Activations:
         store = getattr(torch, a.store_dtype)
         lm = self.lm
         acts, found = [], []
+        # On CUDA the activations go to the host on a side stream, overlapping the next chunk's forward.
+        copies = torch.cuda.Stream(lm.device) if lm.device.type == "cuda" else None
         t0 = time.perf_counter()
         for chunk in ids.split(a.lm_batch_size):
             cap = run_to_layer(lm.model, chunk.to(lm.device), a.layer)
-            acts.append(cap.resid.to("cpu", store))
+            acts.append(to_host(cap.resid, store, copies))
             found.append({rule: p.cpu() for rule, p in attention_partners(cap.attn).items()})
+        if copies is not None:
+            copies.synchronize()  # every copy has landed before the shard is assembled and stored
         self.lm_seconds += time.perf_counter() - t0
         self.lm_tokens += ids.numel()
         self.lm_shards_computed += 1
@@ -220,34 +224,60 @@ class ShardSource(Protocol):
 
 
 def shard_batches(source: ShardSource, split: Split, batch_size: int, seed: int = 0,
-                  device: str | torch.device = "cpu", n_shards: int | None = None,
-                  drop_last: bool = True) -> Iterator[ActivationBatch]:
-    """One pass over the split's shards in order, tokens shuffled within each shard (seeded).
+                  device: str | torch.device = "cpu", n_shards: int | None = None, drop_last: bool = True,
+                  batching: Literal["contexts", "tokens"] = "tokens", window: int = 1) -> Iterator[ActivationBatch]:
+    """One pass over the split's shards in order, `window` shards at a time, shuffled within each window (seeded).
 
     Anchors are the tokens at positions >= 2 of every context, paired under `source.spec.activations.pairing`;
-    the anchors and their order depend on the seed only, not on the rule. Tokens left over at the end of a
-    shard start the next batch. The remainder after the last shard is dropped with `drop_last` (training:
-    every batch full), else yielded as a last, smaller batch (evaluation: every held-out anchor counts).
+    the anchors and their order depend on the seed, `batching` and `window` only, not on the rule. With `tokens`,
+    a window's anchors are shuffled one by one and each batch carries its anchors' partner activations; with
+    `contexts`, the window's contexts are shuffled and their anchors follow each other in position order, so each
+    batch carries the row of each anchor's partner within it (-1 where the partner is not in the batch).
+    Anchors left over at the end of a window start the next batch. The remainder after the last shard is dropped
+    with `drop_last` (training: every batch full), else yielded as a last, smaller batch (evaluation: every
+    held-out anchor counts). batching="tokens", window=1 is the held-out figures' order.
     """
     scale = source.scale
     rule = source.spec.activations.pairing
     gen = torch.Generator().manual_seed(seed)
     carry: list[torch.Tensor] | None = None
-    for i in range(source.n_shards[split] if n_shards is None else n_shards):
-        sh = source.shard(split, i)
-        partner = sh.partners[rule]
+    stream = 0  # anchors of the pass before this window (contexts: the index of each anchor in the pass)
+    total = source.n_shards[split] if n_shards is None else n_shards
+    for first in range(0, total, window):
+        shards = [source.shard(split, i) for i in range(first, min(first + window, total))]
+        acts = shards[0].acts if len(shards) == 1 else torch.cat([sh.acts for sh in shards])
+        partner = torch.cat([sh.partners[rule] for sh in shards])
+        seq_id = torch.cat([sh.seq_id for sh in shards])
         n, T = partner.shape
-        ctx = torch.arange(n).repeat_interleave(T - FIRST_ANCHOR)
-        pos = torch.arange(FIRST_ANCHOR, T).repeat(n)
-        perm = torch.randperm(ctx.numel(), generator=gen)
-        ctx, pos = ctx[perm], pos[perm]
-        parts = [sh.acts[ctx, pos].float() * scale, sh.acts[ctx, partner[ctx, pos]].float() * scale,
-                 sh.seq_id[ctx], pos]
+        per_context = T - FIRST_ANCHOR
+        if batching == "tokens":
+            ctx = torch.arange(n).repeat_interleave(per_context)
+            pos = torch.arange(FIRST_ANCHOR, T).repeat(n)
+            perm = torch.randperm(ctx.numel(), generator=gen)
+            ctx, pos = ctx[perm], pos[perm]
+            parts = [acts[ctx, pos].float() * scale, acts[ctx, partner[ctx, pos]].float() * scale, seq_id[ctx], pos]
+        else:
+            ctx = torch.randperm(n, generator=gen).repeat_interleave(per_context)
+            pos = torch.arange(FIRST_ANCHOR, T).repeat(n)
+            index = stream + torch.arange(ctx.numel())
+            q = partner[ctx, pos]  # the partner's position; its anchor sits q - pos rows away in the same context
+            parts = [acts[ctx, pos].float() * scale, seq_id[ctx], pos,
+                     torch.where(q >= FIRST_ANCHOR, index + q - pos, -1), index]
+        stream += n * per_context
         if carry is not None:
             parts = [torch.cat([c, p]) for c, p in zip(carry, parts)]
         n_full = parts[0].shape[0] // batch_size * batch_size
         for s in range(0, n_full, batch_size):
-            yield ActivationBatch(*(p[s:s + batch_size] for p in parts)).to(device)
+            yield _batch(batching, [p[s:s + batch_size] for p in parts]).to(device)
         carry = [p[n_full:] for p in parts]
     if not drop_last and carry is not None and carry[0].shape[0] > 0:
-        yield ActivationBatch(*carry).to(device)
+        yield _batch(batching, carry).to(device)
+
+
+def _batch(batching: str, parts: list[torch.Tensor]) -> ActivationBatch:
+    if batching == "tokens":
+        return ActivationBatch(*parts)
+    anchors, seq_id, pos, partner_at, index = parts
+    row = partner_at - index[0]  # the rows of a batch are consecutive anchors of the pass
+    inside = (partner_at >= 0) & (row >= 0) & (row < len(index))
+    return ActivationBatch(anchors, None, seq_id, pos, partner_index=torch.where(inside, row, -1))

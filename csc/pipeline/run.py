@@ -42,16 +42,17 @@ SPEC_FILE = "spec.json"
 
 
 def training_stream(acts: ShardSource, batch_size: int, seed: int, start: int = 0) -> Iterator[ActivationBatch]:
-    """Endless batches: pass e over the training shards is shuffled with seed + e. Starts at batch `start`,
-    so a resumed trainer sees exactly the batches it would have seen."""
-    per_pass = acts.n_shards["train"] * acts.spec.activations.contexts_per_shard * \
-        (acts.spec.activations.context_length - 2) // batch_size
+    """Endless batches, cut as `activations.batching` says from windows of `activations.shuffle_shards` shards:
+    pass e over the training shards is shuffled with seed + e. Starts at batch `start`, so a resumed trainer sees
+    exactly the batches it would have seen."""
+    a = acts.spec.activations
+    per_pass = acts.n_shards["train"] * a.contexts_per_shard * (a.context_length - FIRST_ANCHOR) // batch_size
     if per_pass == 0:
         raise CscError(f"trainer.batch_size {batch_size} is larger than the {acts.spec.activations.train_tokens} "
                        f"training tokens: raise activations.train_tokens or lower the batch size")
     epoch, skip = divmod(start, per_pass)
     for e in itertools.count(epoch):
-        passes = shard_batches(acts, "train", batch_size, seed=seed + e)
+        passes = shard_batches(acts, "train", batch_size, seed=seed + e, batching=a.batching, window=a.shuffle_shards)
         yield from itertools.islice(passes, skip, None)
         skip = 0
 

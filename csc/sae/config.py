@@ -90,6 +90,12 @@ class TrainerConfig(BaseModel):
     hard_negatives: int = Field(default=0, ge=0)
     """Keep only the m most similar other-sequence negatives per anchor; 0 keeps all of them."""
 
+    negatives: int = Field(default=0, ge=0)
+    """Compare every anchor with N anchors of the batch drawn at random at each step (the same N for every anchor;
+    those of its own sequence are left out), instead of with all B: the similarity costs 6·B·N·m FLOPs instead of
+    6·B²·m (forward and backward; m = the latents InfoNCE sees), against about 10·B·d·m for the rest of the step.
+    hard_negatives then picks among the N. 0 (default): all of them. Held-out InfoNCE always uses all of them."""
+
     nce_latents: float = Field(default=1.0, gt=0, le=1)
     """Share of the latents InfoNCE sees: the first round(nce_latents * dict_size); the others learn from
     reconstruction and sparsity only (Temporal SAEs contrast 20% "high-level" latents)."""

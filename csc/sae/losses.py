@@ -36,36 +36,68 @@ from csc.sae.weighting import GradientBalance, L0Controller, ramp
 NEG_INF = float("-inf")
 
 
-def info_nce_loss(z_anchor: torch.Tensor, z_partner: torch.Tensor, seq_id: torch.Tensor,
-                  temperature: float, hard_negatives: int = 0) -> torch.Tensor:
+class Gram(torch.autograd.Function):
+    """a @ a^T whose backward is one matmul, (g + g^T) @ a, where autograd's is two (g @ a and g^T @ a): the
+    similarity then costs 4·B²·m FLOPs, not 6·B²·m. Under autocast the backward matmul runs in the forward's
+    dtype, as autograd's would."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.autocast = torch.is_autocast_enabled(a.device.type)
+        return a @ a.T
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
+            return ((g + g.T) @ a).to(a.dtype)
+
+
+def info_nce_loss(z_anchor: torch.Tensor, z_partner: torch.Tensor | None, seq_id: torch.Tensor,
+                  temperature: float, hard_negatives: int = 0, *, negatives: torch.Tensor | None = None,
+                  partner_index: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over SAE codes with cosine similarity.
 
     With a_i, p_i the unit-norm codes of anchor i and its partner (all-zero codes stay zero, so
     their cosines are 0 rather than NaN) and tau the temperature:
 
         pos_i  = (a_i . p_i) / tau
-        neg_ij = (a_i . a_j) / tau   for anchors j with seq_id[j] != seq_id[i]
-                                     (same-sequence anchors, i itself included, are masked out)
+        neg_ij = (a_i . a_j) / tau   for anchors j in N (every anchor, or the rows `negatives` names)
+                                     with seq_id[j] != seq_id[i] (same-sequence anchors, i itself
+                                     included, are masked out)
         loss_i = logsumexp([pos_i, neg_i*]) - pos_i
 
+    The partner's code is z_partner[i], or, with `partner_index` ([B] int64) instead, the anchor
+    z_anchor[partner_index[i]] (then pos_i is read off the similarity matrix when it holds that column);
+    anchors with partner_index -1 have no partner and no loss_i.
     hard_negatives = m > 0 keeps only the m largest neg_ij of each anchor (fewer if it has fewer).
-    The result is the mean of loss_i over anchors with at least one negative. An anchor without
-    negatives has no contrastive task (its loss_i would be exactly 0 with zero gradient), so it is
-    left out of the mean rather than diluting it; a batch where no anchor has a negative returns 0.
+    The result is the mean of loss_i over anchors with at least one negative and a partner. An anchor
+    without negatives has no contrastive task (its loss_i would be exactly 0 with zero gradient), so it
+    is left out of the mean rather than diluting it; a batch where no anchor counts returns 0.
     """
     a = unit_codes(z_anchor.float())
-    p = unit_codes(z_partner.float())
-    pos = (a * p).sum(dim=-1) / temperature
-    valid = seq_id[:, None] != seq_id[None, :]
-    neg = (a @ a.T / temperature).masked_fill(~valid, NEG_INF)
+    if negatives is None:
+        valid = seq_id[:, None] != seq_id[None, :]
+        sim = Gram.apply(a)
+    else:
+        valid = seq_id[:, None] != seq_id[negatives][None, :]
+        sim = a @ a[negatives].T
+    counted = valid.any(dim=1)
+    if partner_index is None:
+        pos = (a * unit_codes(z_partner.float())).sum(dim=-1)
+    else:
+        counted &= partner_index >= 0
+        rows = partner_index.clamp(min=0)
+        pos = sim.gather(1, rows[:, None])[:, 0] if negatives is None else (a * a[rows]).sum(dim=-1)
+    pos = pos / temperature
+    neg = (sim / temperature).masked_fill(~valid, NEG_INF)
     if 0 < hard_negatives < neg.shape[1]:
         neg = neg.topk(hard_negatives, dim=1).values
-    logits = torch.cat([pos[:, None], neg], dim=1)
-    per_anchor = torch.logsumexp(logits, dim=1) - pos
-    has_neg = valid.any(dim=1)
-    if not has_neg.any():
+    per_anchor = torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos
+    if not counted.any():
         return pos.sum() * 0.0 + 0.0  # keeps the graph; "+ 0.0" turns -0.0 into 0.0
-    return per_anchor[has_neg].mean()
+    return per_anchor[counted].mean()
 
 
 def auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, W_dec: torch.Tensor,
@@ -99,7 +131,9 @@ class StepInputs:
     dead: Callable[[], torch.Tensor]
     """The dead-latent mask [dict_size] before this step."""
     encode: Callable[[torch.Tensor], torch.Tensor]
-    """The model's encoder under the trainer's autocast (for partner codes)."""
+    """The model's encoder under the trainer's autocast (for partner codes of a batch of tokens)."""
+    step: int = 0
+    """The optimiser step (0-based)."""
 
 
 class LossTerm:
@@ -188,10 +222,22 @@ class InfoNCE(LossTerm):
         return g * ramp(step, self.warmup)
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
-        m = self.latents
-        z_partner = inputs.encode(inputs.batch.partners.float())
-        return info_nce_loss(inputs.out.z[:, :m], z_partner[:, :m], inputs.batch.seq_id, self.cfg.temperature,
-                             self.cfg.hard_negatives)
+        m, batch, cfg = self.latents, inputs.batch, self.cfg
+        z = inputs.out.z[:, :m]
+        # Partners in the batch are anchors whose codes the step has computed; otherwise they are encoded here.
+        z_partner = None if batch.partner_index is not None else inputs.encode(batch.partners.float())[:, :m]
+        return info_nce_loss(z, z_partner, batch.seq_id, cfg.temperature, cfg.hard_negatives,
+                             negatives=self.negatives(len(batch), inputs.step, z.device),
+                             partner_index=batch.partner_index)
+
+    def negatives(self, batch_size: int, step: int, device: torch.device) -> torch.Tensor | None:
+        """The rows every anchor is compared with at `step` (trainer.negatives of them, drawn from the seed and the
+        step alone, so a resumed run draws the same), or None for all of them."""
+        n = self.cfg.negatives
+        if n == 0 or n >= batch_size:
+            return None
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        return torch.randperm(batch_size, generator=gen)[:n].to(device)
 
     def state_dict(self) -> dict:
         return self.balance.state_dict() if self.balance is not None else {}

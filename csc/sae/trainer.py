@@ -35,7 +35,9 @@ Metrics = dict[str, float]
 TRAINING_METRICS: tuple[str, ...] = ("loss", *TERM_NAMES, "l0", "ev", "dead_frac", "grad_norm", "nce_grad_share")
 """Per-step metrics, averaged in every report: the names a sweep may optimise or schedule on. nce_grad_share
 (steps with InfoNCE only) is ||g_nce|| / (||g_nce|| + ||g_mse||), g the weighted terms' gradients on the
-anchors' pre-activations: what share of the encoder's push from the anchors the contrastive term has."""
+anchors' pre-activations: what share of the encoder's push from the anchors the contrastive term has. It is
+measured at the last step of each report (at every step with trainer.balance, which steers by it), since it
+costs two extra backward passes."""
 LAST_VALUE = ("step", "tokens", "lr")
 """Report keys that carry their value at the report's last step (and the terms' weights)."""
 
@@ -132,7 +134,7 @@ class Trainer:
         with self._autocast():
             out = model(x)
         out32 = ForwardOutput(x=x, pre=out.pre, z=out.z.float(), x_hat=out.x_hat.float())
-        inputs = StepInputs(batch, out32, model, self.dead.dead_mask, self._encode)
+        inputs = StepInputs(batch, out32, model, self.dead.dead_mask, self._encode, step)
         weights = {t.weight_name: t.weight(step) for t in self.terms}
         values = {t.name: t(inputs) for t in self.terms if not (t.optional and weights[t.weight_name] == 0)}
         loss = sum(weights[t.weight_name] * values[t.name] for t in self.terms if t.name in values)
@@ -140,7 +142,7 @@ class Trainer:
         self._check_finite(step, terms)
 
         self.optimizer.zero_grad(set_to_none=True)
-        shares = self._observe_gradients(out32, values, weights)
+        shares = self._observe_gradients(step, out32, values, weights)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
@@ -164,12 +166,16 @@ class Trainer:
         result.update(shares)
         return result
 
-    def _observe_gradients(self, out: ForwardOutput, values: dict[str, torch.Tensor],
+    def _observe_gradients(self, step: int, out: ForwardOutput, values: dict[str, torch.Tensor],
                            weights: dict[str, float]) -> Metrics:
-        """InfoNCE's share of the gradient on the anchors' pre-activations (and its balancing, if on)."""
+        """InfoNCE's share of the gradient on the anchors' pre-activations (and its balancing, if on), at the
+        steps that need it: two extra backward passes (the decoder's and InfoNCE's) cost about half a step."""
         if "nce" not in values:
             return {}
         term = next(t for t in self.terms if t.name == "nce")
+        last_of_report = (step + 1) % self.cfg.log_every == 0 or step + 1 >= self.cfg.steps
+        if term.balance is None and not last_of_report:
+            return {}
         g_rec = torch.autograd.grad(weights["alpha"] * values["mse"], out.pre, retain_graph=True)[0].float().norm()
         g_nce = torch.autograd.grad(values["nce"], out.pre, retain_graph=True)[0].float().norm()
         rec, nce = g_rec.item(), g_nce.item()

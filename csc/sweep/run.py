@@ -3,7 +3,7 @@
 The sweep folder <out>/<name>/ is Tune's experiment folder (experiment state; trial_NN/ with each
 trial's result.json and checkpoints) plus:
     csc_sweep.json   the resolved spec, where the tracker records the sweep (read again by --resume) and,
-                     at the end, the producer's counters
+                     at the end, the producer's counters (summed over its replicas; per_replica: each one's)
     trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run), and
                      configs.json, configs.csv where configurations ran over several seeds
     trial_NN/sae/, curves.png, error.txt                   what each trial's MLflow run also holds
@@ -27,7 +27,7 @@ from csc.errors import CscError
 from csc.pipeline.absorption import SAE_FIGURES
 from csc.sweep import report
 from csc.sweep.outcomes import CONFIGS_FILE, TRIALS_FILE, TrialRecords, error_reason, trial_name
-from csc.sweep.producer import NAMESPACE, start_producer
+from csc.sweep.producer import NAMESPACE, pool_stats, start_pool
 from csc.sweep.reported import EVAL_PREFIX
 from csc.sweep.scheduler import scheduler
 from csc.sweep.search import searcher
@@ -47,13 +47,13 @@ class SweepResult:
     experiment_id: str | None
     parent_run_id: str | None
     rows: list[dict[str, Any]]
-    producer: dict[str, float]
+    producer: dict[str, Any]
     interrupted: bool
 
 
 def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dict[str, str],
            tracker: Tracker | None, state: dict[str, Any] | None, verbose: int, address: str | None):
-    """Ray, the producer and the Tuner (new, or restored from the sweep folder)."""
+    """Ray, the producer's replicas and the Tuner (new, or restored from the sweep folder)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / STATE_FILE).write_text(json.dumps({"spec": json.loads(spec_json), **ids}, indent=1))
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
@@ -69,11 +69,12 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
             raise CscError(f"--address {address}: cannot join the Ray cluster: "
                            f"{str(e).strip().splitlines()[0]}") from None
     res, p = spec.sweep.resources, spec.sweep.producer
-    producer = start_producer(spec.trial({}), name, cpus=res.producer_cpus, gpus=res.producer_gpus,
-                              memory_mb=p.memory_mb, prefetch=p.prefetch, max_restarts=p.max_restarts,
-                              custom=res.producer_custom)
+    producers = start_pool(spec.trial({}), name, replicas=p.replicas, store=p.store, cpus=res.producer_cpus,
+                           gpus=res.producer_gpus, memory_mb=p.memory_mb, prefetch=p.prefetch,
+                           max_restarts=p.max_restarts, custom=res.producer_custom)
+    producer = producers[0]  # replica 0 makes what is made once
     try:
-        ray.get(producer.info.remote())
+        ray.get([a.info.remote() for a in producers])
     except ray.exceptions.RayError as e:
         raise CscError(f"the activation producer could not start: {error_reason(str(e))}") from None
     try:  # made once for every trial: a corpus that cannot be probed fails now, as `csc train` does, not each trial
@@ -109,7 +110,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
             run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir.parent), callbacks=[records],
                                       failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=verbose))
-    return tuner, producer
+    return tuner, producers
 
 
 def sae_bytes(d_model: int, dict_size: int, batch_size: int) -> int:
@@ -162,7 +163,7 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     tracker = tracker_for(spec, state) if tracked or state is not None else None
     ids = tracker.start_sweep(name, str(sweep_dir), spec, state) if tracker is not None else {}
     try:
-        tuner, producer = _start(spec, name, sweep_dir, spec_json, ids, tracker, state, verbose, address)
+        tuner, producers = _start(spec, name, sweep_dir, spec_json, ids, tracker, state, verbose, address)
         tuner.fit()
     except BaseException as e:  # a sweep that never got going is recorded as such, not left RUNNING
         if tracker is not None:
@@ -170,7 +171,7 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
                               {"csc.failure_reason": f"{type(e).__name__}: {str(e).strip()[:1000]}"})
         raise
 
-    stats = ray.get(producer.stats.remote())
+    stats = pool_stats(producers)
     rows = json.loads((sweep_dir / TRIALS_FILE).read_text()) if (sweep_dir / TRIALS_FILE).is_file() else []
     interrupted = len(rows) < spec.n_trials or any(r["outcome"] == "running" for r in rows)
     state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "producer": stats,
@@ -202,9 +203,16 @@ def sweep_summary(sweep_dir: Path) -> str:
              + ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in counts.items() if n)]
     if "producer" in state:
         st = state["producer"]
-        lines.append(f"producer: the LM made {st['lm_shards_computed']:.0f} shards ({st['lm_tokens']:,.0f} tokens "
-                     f"in {st['lm_seconds']:.1f} s) for {st['requests']:.0f} shard requests, {st['memory_hits']:.0f} "
-                     f"of them from memory; {st['evaluations']:.0f} CE/KL evaluations")
+        replicas, recomputed = st.get("replicas", 1), st.get("lm_shards_recomputed", 0)
+        trained = sum(r["metrics"].get("tokens", 0.0) for r in rows)  # each trial's last report
+        lines.append(f"producer{f' ({replicas} replicas)' if replicas > 1 else ''}: the LM made "
+                     f"{st['lm_shards_computed']:.0f} shards ({st['lm_tokens']:,.0f} tokens in {st['lm_seconds']:.1f} s"
+                     + (f"; {recomputed:.0f} of them again, after their eviction" if recomputed else "")
+                     + f") for {st['requests']:.0f} shard requests, {st['memory_hits']:.0f} of them from memory; "
+                     f"{st['evaluations']:.0f} CE/KL evaluations"
+                     + (f"; {st['lm_tokens'] / trained:.3f} LM tokens per trained token" if trained else "")
+                     + (f"; replicas restarted: {st['restarted']:.0f} (their counts start at the restart)"
+                        if st.get("restarted") else ""))
     objectives = [(o.metric, o.mode) for o in spec.sweep.objectives]
     configs = report.configurations(rows)
     by_config = report.repeated(configs)

@@ -2,9 +2,10 @@
 
 Every searched value is a field of `sae` or `trainer`, named by its dotted path ("trainer.beta"), or
 `activations.pairing` (the positive-pair rule: every shard holds all rules' partners, so trials with different
-rules still share the base spec's producer and cache; no other activations field can be searched, since it
-would change the activations themselves). The whole spec, including the ends of every search range and every
-point to evaluate, is validated here, before Ray starts, so a typo never costs a cluster start-up.
+rules still share the base spec's producer and cache) or `activations.batching` (how batches are cut from the same
+shards); no other activations field can be searched, since it would change the activations themselves. The whole
+spec, including the ends of every search range and every point to evaluate, is validated here, before Ray starts,
+so a typo never costs a cluster start-up.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ REPORT_METRICS = TRAINING_METRICS
 where the trial has that term, csc.sweep.reported); only these can drive the scheduler, which ranks trials
 before their last step. Objectives may also be held-out figures (HELD_OUT), which the final report adds."""
 
-SEARCHABLE_ACTIVATIONS = ("activations.pairing",)
+SEARCHABLE_ACTIVATIONS = ("activations.pairing", "activations.batching")
 """The activations fields a sweep may search: they choose among what every shard holds, so one producer and one
 cache still serve every trial. Any other activations field would change the shards the trials share."""
 
@@ -149,12 +150,25 @@ class ResourcesSpec(Spec):
 
 
 class ProducerSpec(Spec):
-    memory_mb: int = Field(2048, ge=1)
-    """Shards the producer keeps in memory, at most this many MiB (least recently used go first)."""
+    """The activation producer: a pool of `replicas` Ray actors, each with its own LM (csc.sweep.producer)."""
+
+    replicas: int = Field(1, ge=1)
+    """Producer actors, each taking resources.producer_cpus, producer_gpus and producer_custom (a custom resource
+    that each GPU node offers once, e.g. {lm_node: 1}, puts one replica on each). Replica r owns the shards i with
+    i % replicas == r and is the only one that loads or computes them, so each shard is still made once per sweep;
+    replica 0 also makes what is made once (the scale, the probing set, absorption's LM part, CE/KL, logit tables)."""
+    store: Literal["disk", "memory"] = "disk"
+    """Where shards live. disk: also in the activation cache (activations.cache_dir), from which an evicted shard,
+    a restarted replica and later sweeps and runs read them back. memory: only in the replicas' memory, never on
+    disk: a shard asked for after its eviction is computed again (counted: lm_shards_recomputed), so the sweep's
+    token budget is bounded by time rather than disk; the summary reports the LM tokens per trained token."""
+    memory_mb: float = Field(2048, gt=0)
+    """Shards each replica keeps in memory, at most this many MiB. When full, shards that every running trial has
+    read go first (least recently used first), then the least recently used."""
     prefetch: int = Field(2, ge=0)
-    """Shards the producer computes ahead of the furthest one asked for."""
+    """Shards each replica computes ahead of the furthest one asked of it (the next ones it owns)."""
     max_restarts: int = Field(3, ge=0)
-    """Times Ray restarts the producer if its process dies; trials' calls are retried meanwhile."""
+    """Times Ray restarts a replica if its process dies; trials' calls are retried meanwhile."""
 
 
 class TrackingSpec(Spec):
@@ -207,7 +221,7 @@ class SweepSection(Spec):
     resources: ResourcesSpec = ResourcesSpec()
     """Ray resources of trials and of the producer."""
     producer: ProducerSpec = ProducerSpec()
-    """The shared activation producer."""
+    """The shared activation producer: its replicas, where shards live, memory, prefetch, restarts."""
     tracking: TrackingSpec = TrackingSpec()
     """Where MLflow records the sweep."""
 
@@ -375,8 +389,8 @@ def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
     """`value` as the field holds it (YAML reads 1.0e20 as a string; the field makes it a float)."""
     section, _, field = key.partition(".")
     if (section not in ("sae", "trainer") or not field or "." in field) and key not in SEARCHABLE_ACTIVATIONS:
-        raise ValueError(f"{where}: searched fields are `sae.<field>`, `trainer.<field>` or "
-                         f"{', '.join(f'`{k}`' for k in SEARCHABLE_ACTIVATIONS)} (other activations fields would "
+        raise ValueError(f"{where}: searched fields are `sae.<field>`, `trainer.<field>`, "
+                         f"{' or '.join(f'`{k}`' for k in SEARCHABLE_ACTIVATIONS)} (other activations fields would "
                          f"change the activations all trials share)")
     params = {key: value}
     if section == "trainer":

@@ -60,6 +60,13 @@ def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: in
     base = SweepSpec.model_validate_json(spec_json)
     spec = base.trial(config)
     acts = RemoteActivations(spec, sweep)
+    try:
+        _train_and_evaluate(base, spec, acts)
+    finally:  # a trial killed outright never gets here: its reader's lease runs out instead
+        acts.release()
+
+
+def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivations) -> None:
     sae_cfg = spec.sae.model_copy(update={"d_in": acts.d_model})
 
     restored = tune.get_checkpoint()
