@@ -98,7 +98,9 @@ def main() -> None:
                      ignore_sections=True)
     anchors = a.train_tokens // base.activations.context_length * (base.activations.context_length - 2)
     steps = anchors // base.trainer.batch_size  # one pass over the training tokens, as real training does
-    base = base.model_copy(update={"trainer": base.trainer.model_copy(update={"steps": steps})})
+    warm = steps // 4  # the quickstart's warm-ups (40 steps) are longer than one pass here
+    base = base.model_copy(update={"trainer": base.trainer.model_copy(update={
+        "steps": steps, "lr_warmup_steps": warm, "beta_warmup_steps": warm, "gamma_warmup_steps": warm})})
 
     cpus = os.cpu_count() or 2
     # Same slots in both arms: `concurrent` trials; the shared arm's producer takes what the quickstart gives it.
