@@ -173,8 +173,7 @@ class Trainer:
         if "nce" not in values:
             return {}
         term = next(t for t in self.terms if t.name == "nce")
-        last_of_report = (step + 1) % self.cfg.log_every == 0 or step + 1 >= self.cfg.steps
-        if term.balance is None and not last_of_report:
+        if term.balance is None and not self._reported(step + 1):
             return {}
         g_rec = torch.autograd.grad(weights["alpha"] * values["mse"], out.pre, retain_graph=True)[0].float().norm()
         g_nce = torch.autograd.grad(values["nce"], out.pre, retain_graph=True)[0].float().norm()
@@ -193,13 +192,17 @@ class Trainer:
             if not torch.isfinite(t):
                 raise DivergenceError(f"step {step}: loss term '{name}' is {t.item()}")
 
+    def _reported(self, steps_taken: int) -> bool:
+        """Whether a report follows the step that brings the trainer to `steps_taken` steps."""
+        return steps_taken % self.cfg.log_every == 0 or steps_taken >= self.cfg.steps
+
     def _accumulate(self, m: Metrics) -> Metrics | None:
         """Add one step's metrics to the running sums; the report when one is due."""
         for key in TRAINING_METRICS:
             if key in m:  # a term absent at some steps (InfoNCE during its warm-up) averages over its own steps
                 self._sums[key] = self._sums.get(key, 0.0) + m[key]
                 self._counts[key] = self._counts.get(key, 0) + 1
-        if self.step % self.cfg.log_every and not self.done:
+        if not self._reported(self.step):
             return None
         report = {k: v / self._counts[k] for k, v in self._sums.items()}
         report.update({k: v for k, v in m.items() if k not in TRAINING_METRICS})
