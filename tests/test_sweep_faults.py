@@ -102,7 +102,8 @@ def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkey
 @pytest.mark.slow
 def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
     """SIGKILL of `csc sweep` (its whole process group: the driver and the local Ray it started), then
-    `csc sweep --resume`: the sweep finishes into the same parent and child runs, none duplicated."""
+    `csc sweep --resume`: the sweep finishes into the same parent and child runs, none duplicated (a trial
+    started just before the kill, which Tune never saved, runs again in a new run; its old run is deleted)."""
     spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 1000, "log_every": 50}, checkpoint_every=100,
                            num_samples=4, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
@@ -145,7 +146,13 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
     after = child_runs(client, state["experiment_id"], state["parent_run_id"])
     assert sorted(after) == ["trial_01", "trial_02", "trial_03", "trial_04"]
     assert len(client.search_runs([state["experiment_id"]])) == 5, "one parent and four children, no copies"
-    assert all(after[n].info.run_id == r.info.run_id for n, r in before.items())
+    for name, run in before.items():
+        if run.info.status == "FINISHED":
+            assert after[name].info.run_id == run.info.run_id
+        elif after[name].info.run_id != run.info.run_id:  # started just before the kill, before Tune saved it
+            lost = client.get_run(run.info.run_id)
+            assert lost.info.lifecycle_stage == "deleted" and "csc.lost" in lost.data.tags
+            assert f"{name}: MLflow run {run.info.run_id} was started just before the driver died" in resumed.stdout
     assert all(r.info.status == "FINISHED" for r in after.values())
     for run in after.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]

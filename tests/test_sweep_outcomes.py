@@ -77,3 +77,31 @@ def test_the_pickled_tracker_holds_no_client_and_no_backlog(tmp_path):
     assert restored._told == set() and "_mlflow" not in vars(restored.tracker)
     assert vars(restored.tracker) == {**vars(MlflowTracker(tracker.uri, tracker.artifact_root)), "experiment_id": "1",
                                       "parent_run_id": "parent", "sweep_dir": str(tmp_path)}
+
+
+def test_a_run_whose_trial_tune_never_saved_gives_way_to_the_trial_run_again(tmp_path, capsys):
+    """A driver killed just after starting trial_03 (MLflow has its run, Tune's saved state has no such
+    trial): on --resume Tune makes a new trial_03 with another id. One trial_03 run remains, a fresh one;
+    the lost one is deleted (restorable), and runs of other names and of known trials are left alone."""
+    from mlflow.entities import ViewType
+
+    spec = load_spec(SweepSpec, tiny_sweep(tmp_path, tmp_path / "cache"))
+    first = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"), "lost")
+    state = first.start_sweep("lost", str(tmp_path), spec)
+    for key, name in [("a", "trial_01"), ("b", "trial_03")]:
+        first.trial_started(key, name, {})
+        first.log_metrics(key, 50, {"loss": 1.0}, {})
+    lost = first._runs["b"]
+
+    resumed = MlflowTracker.of(spec, state)
+    resumed.start_sweep("lost", str(tmp_path), spec, state)
+    resumed.trial_started("a", "trial_01", {})  # a trial Tune saved: its run goes on
+    resumed.trial_started("c", "trial_03", {})
+    assert "trial_03: MLflow run " + lost in capsys.readouterr().out
+
+    client = resumed.client
+    active = {r.info.run_name: r.info.run_id for r in client.search_runs([state["experiment_id"]])}
+    assert active == {"lost": state["parent_run_id"], "trial_01": first._runs["a"], "trial_03": resumed._runs["c"]}
+    assert resumed._runs["c"] != lost
+    gone = client.search_runs([state["experiment_id"]], run_view_type=ViewType.DELETED_ONLY)
+    assert [r.info.run_id for r in gone] == [lost] and gone[0].data.tags["csc.lost"].startswith("the driver died")

@@ -8,7 +8,8 @@ steps), KILLED with tag csc.outcome = stopped_early and the reason in csc.stop_r
 stopped it), or FAILED with the error's line in csc.failure_reason; its artifacts are the ones outcomes
 kept (sae/, eval.json, dashboard.html, curves.png; error.txt). If MLflow fails, calls wait in an ordered backlog until it
 answers again (see `_do`). Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
-and never logs a step twice; a trial that Tune retries after a failure keeps its run.
+and never logs a step twice; a trial that Tune retries after a failure keeps its run. A run whose trial Tune
+never saved (the driver died just after starting it) is deleted when that trial's name is used again.
 """
 
 from __future__ import annotations
@@ -206,12 +207,27 @@ class MlflowTracker(Tracker):
             self._last_step[run_id] = max((m.step for m in history), default=0)
             self.client.update_run(run_id, status="RUNNING")
         else:
+            self._delete_lost(name)
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags={
                 "mlflow.parentRunId": self.parent_run_id, "csc.trial_id": key,
                 "csc.sweep_dir": self.sweep_dir}).info.run_id
             self._log_params(run_id, params)
             self._last_step[run_id] = 0
         self._runs[key] = run_id
+
+    def _delete_lost(self, name: str) -> None:
+        """Tune names trials from its saved state, so a run of this sweep with the name of a new trial belongs
+        to a trial the driver started just before it died and Tune never saved: that trial is run again from
+        its start under the same name, and its half-logged run is deleted (MLflow keeps it restorable)."""
+        for run in self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"attributes.run_name = '{name}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"):
+            self.client.set_tag(run.info.run_id, "csc.lost", "the driver died before Tune saved this trial; "
+                                "it was run again from its start in a new run of the same name")
+            self.client.delete_run(run.info.run_id)
+            print(f"csc: {name}: MLflow run {run.info.run_id} was started just before the driver died, and Tune "
+                  f"never saved its trial; the trial runs again in a new run, and that run is deleted "
+                  f"(`mlflow runs restore --run-id {run.info.run_id}` brings it back)", flush=True)
 
     def _log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
         from mlflow.entities import Metric
