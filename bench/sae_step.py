@@ -5,8 +5,9 @@ side by side in one run, with the contrastive term's measured overhead next to i
     python bench/sae_step.py --d 2304 --dict 2304              # the paper's shape (CPU is fine for the ratios)
     python bench/sae_step.py --d 2304 --dict 16384 --bf16       # on a GPU
 
-Rows (tokens/s = anchor tokens per second; higher is better), on the same random batches, taking turns in
-each round:
+Rows (tokens/s = anchor tokens per second, from the median time; higher is better), on the same random
+batches, taking turns in each round; the ratios (to the plain PyTorch step, and the contrastive overhead over
+csc gamma=0) are taken within each round and their median printed, with the rounds' range for the overhead:
   plain PyTorch   Linear encoder + ReLU + Linear decoder, MSE + L1, torch.optim.Adam: the floor of any SAE step
   csc, gamma=0    csc.sae.Trainer.update: pre-encoder LayerNorm, constrained Adam (tangent projection and
                   renormalisation of the decoder), gradient clipping, metrics of every step
@@ -27,9 +28,10 @@ at the last step of each report (--log-every), so it adds its share of that. The
 at the SAE's own shapes on the same device in the same run. The activations are random: speed does not depend
 on their content.
 
-The last table times the similarity alone, forward + backward, on codes with the L0 of --l0: dense (csc's),
-with sampled negatives, and over sparse codes (CSR sparse x dense products, exact for ReLU and TopK codes):
-whether sparsity pays at these shapes on this device.
+The last table times the similarity alone, forward + backward, on codes with the L0 of --l0: dense (csc's
+csc.sae.similarity, norms folded into the [B, B] result), with sampled negatives, and over sparse codes
+(F.normalize, then CSR sparse x dense products, exact for ReLU and TopK codes): whether sparsity pays at
+these shapes on this device.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 from csc.sae.archs.relu import ReluConfig
 from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
-from csc.sae.losses import Gram
+from csc.sae.similarity import CosineColumns, CosineGram
 from csc.sae.trainer import Trainer
 
 ANCHORS_PER_CONTEXT = 126  # context_length 128 less BOS and position 1
@@ -126,8 +128,9 @@ def main() -> None:
     p.add_argument("--d", type=int, default=640, help="activation width (640: the embedded model)")
     p.add_argument("--dict", type=int, default=2048, help="dictionary size")
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; rows take turns within each, the median is shown")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=7,
+                   help="rounds; rows take turns within each; the median is shown, of ratios taken within each round")
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--negatives", type=int, default=256, help="trainer.negatives of the sampled-negatives row")
     p.add_argument("--log-every", type=int, default=100, help="trainer.log_every (the default)")
@@ -205,7 +208,10 @@ def main() -> None:
                        [(B, d, m), (B, m, d), (d, B, m), (m, B, d), (2048, 2048, 2048)])
 
     t = {name: statistics.median(ts) for name, ts in times.items()}
-    base, plain_csc = t["plain PyTorch SAE step"], t["csc trainer, gamma=0"]
+    # Ratios within each round (the rows ran seconds apart), then their median: a shared machine's speed drifts
+    # between rounds more than within one.
+    def ratio(name: str, to: str) -> list[float]:
+        return sorted(x / y for x, y in zip(times[name], times[to]))
     name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"d={d} dictionary={m} batch={B} {'bf16' if a.bf16 else 'fp32'} on {name_dev}; median of {a.rounds} rounds "
           f"x {a.steps} steps; log_every {a.log_every}; matmul peak {peak / 1e9:,.1f} GFLOP/s")
@@ -213,12 +219,14 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, (_, _, extra) in rows.items():
         flops = unit + (extra or 0)
-        print(f"| {name} | {B / t[name]:,.0f} | {base / t[name]:.2f}x | {flops / unit:.2f} | "
+        print(f"| {name} | {B / t[name]:,.0f} | {1 / statistics.median(ratio(name, 'plain PyTorch SAE step')):.2f}x | "
+              f"{flops / unit:.2f} | "
               f"{flops / t[name] / 1e9:,.1f} | {flops / t[name] / peak:.0%} |")
     for name, (_, _, extra) in rows.items():
         if extra is not None:
-            print(f"{name}: contrastive overhead: {(t[name] / plain_csc - 1) * 100:.0f}% "
-                  f"(arithmetic bound: {extra / unit * 100:.0f}%)")
+            r = ratio(name, "csc trainer, gamma=0")
+            print(f"{name}: contrastive overhead: {(statistics.median(r) - 1) * 100:.0f}% "
+                  f"(arithmetic bound: {extra / unit * 100:.0f}%); rounds {(r[0] - 1) * 100:.0f} to {(r[-1] - 1) * 100:.0f}%")
 
     # The similarity alone, on codes of the asked L0.
     gen = torch.Generator().manual_seed(1)
@@ -240,13 +248,14 @@ def main() -> None:
 
     def grad_of(similarity):
         def run():
-            zz = z.clone().requires_grad_()
-            similarity(torch.nn.functional.normalize(zz, dim=-1, eps=1e-8)).sum().backward()
+            similarity(z.clone().requires_grad_()).sum().backward()
         return run
 
-    parts = {"dense, all B (csc)": (grad_of(Gram.apply), 4 * B * B * m),
-             f"dense, {N} sampled negatives (csc)": (grad_of(lambda u: u @ u[cols].T), 6 * B * N * m),
-             "sparse codes, all B (CSR x dense)": (grad_of(sparse_similarity), 4 * B * B * min(a.l0, m))}
+    parts = {"dense, all B (csc)": (grad_of(CosineGram.apply), 4 * B * B * m),
+             f"dense, {N} sampled negatives (csc)": (grad_of(lambda u: CosineColumns.apply(u, cols)), 6 * B * N * m),
+             "sparse codes, all B (CSR x dense)": (
+                 grad_of(lambda u: sparse_similarity(torch.nn.functional.normalize(u, dim=-1, eps=1e-8))),
+                 4 * B * B * min(a.l0, m))}
     if device.type != "cpu" and a.bf16:
         del parts["sparse codes, all B (CSR x dense)"]  # CSR products have no bf16 autocast path
     print(f"| similarity of [B, dictionary] codes at L0 {min(a.l0, m)}, forward + backward | ms | "
@@ -254,7 +263,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, (run, flops) in parts.items():
         s = timed(run)
-        print(f"| {name} | {s * 1e3:.1f} | {s / plain_csc:.0%} | {flops / unit:.0%} |")
+        print(f"| {name} | {s * 1e3:.1f} | {s / t['csc trainer, gamma=0']:.0%} | {flops / unit:.0%} |")
 
 
 if __name__ == "__main__":

@@ -93,13 +93,16 @@ class ModelFacts:
 
     @classmethod
     def of(cls, config) -> ModelFacts:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
         text = config.get_text_config()
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # the class AutoModelForCausalLM loads
+        softcap = getattr(text, "attn_logit_softcapping", None)
+        sdpa = False
+        if softcap is None:  # else eager whatever the class supports: its module (seconds to import) is not needed
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)  # the class AutoModelForCausalLM loads
+            sdpa = model_class is not None and model_class._supports_sdpa
         return cls(text.num_hidden_layers, text.hidden_size, text.max_position_embeddings,
-                   attention_for(getattr(text, "attn_logit_softcapping", None),
-                                 model_class is not None and model_class._supports_sdpa))
+                   attention_for(softcap, sdpa))
 
 
 def attention_for(attn_softcap: float | None, supports_sdpa: bool) -> str:

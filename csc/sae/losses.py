@@ -29,29 +29,12 @@ import torch
 from csc.sae.archs import ARCHITECTURES
 from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
-from csc.sae.metrics import l0, mse, unit_codes
+from csc.sae.metrics import l0, mse
 from csc.sae.model import ForwardOutput, SparseAutoencoder
+from csc.sae.similarity import CosineColumns, CosineGram, RowCosine
 from csc.sae.weighting import GradientBalance, L0Controller, ramp
 
 NEG_INF = float("-inf")
-
-
-class Gram(torch.autograd.Function):
-    """a @ a^T whose backward is one matmul, (g + g^T) @ a, where autograd's is two (g @ a and g^T @ a): the
-    similarity then costs 4·B²·m FLOPs, not 6·B²·m. Under autocast the backward matmul runs in the forward's
-    dtype, as autograd's would."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a)
-        ctx.autocast = torch.is_autocast_enabled(a.device.type)
-        return a @ a.T
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        (a,) = ctx.saved_tensors
-        with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
-            return ((g + g.T) @ a).to(a.dtype)
 
 
 def info_nce_loss(z_anchor: torch.Tensor, z_partner: torch.Tensor | None, seq_id: torch.Tensor,
@@ -76,22 +59,22 @@ def info_nce_loss(z_anchor: torch.Tensor, z_partner: torch.Tensor | None, seq_id
     without negatives has no contrastive task (its loss_i would be exactly 0 with zero gradient), so it
     is left out of the mean rather than diluting it; a batch where no anchor counts returns 0.
     """
-    a = unit_codes(z_anchor.float())
+    z = z_anchor.float()
     if negatives is None:
         valid = seq_id[:, None] != seq_id[None, :]
-        sim = Gram.apply(a)
+        sim = CosineGram.apply(z)
     else:
         valid = seq_id[:, None] != seq_id[negatives][None, :]
-        sim = a @ a[negatives].T
+        sim = CosineColumns.apply(z, negatives)
     counted = valid.any(dim=1)
     if partner_index is None:
-        pos = (a * unit_codes(z_partner.float())).sum(dim=-1)
+        pos = RowCosine.apply(z, z_partner.float())
     else:
         counted &= partner_index >= 0
         rows = partner_index.clamp(min=0)
-        pos = sim.gather(1, rows[:, None])[:, 0] if negatives is None else (a * a[rows]).sum(dim=-1)
+        pos = sim.gather(1, rows[:, None])[:, 0] if negatives is None else RowCosine.apply(z, z[rows])
     pos = pos / temperature
-    neg = (sim / temperature).masked_fill(~valid, NEG_INF)
+    neg = (sim / temperature).masked_fill_(~valid, NEG_INF)
     if 0 < hard_negatives < neg.shape[1]:
         neg = neg.topk(hard_negatives, dim=1).values
     per_anchor = torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos
