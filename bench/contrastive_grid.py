@@ -13,6 +13,11 @@ term's effect with the seed-to-seed variation of both arms removed. The twin may
 tables twice: for reconstruction and the term's own figures (FIGURES), then for the figures of features
 (FEATURE_FIGURES), whose twin may have another pairing rule or temperature (YARDSTICK).
 
+--against FIELD=VALUE pairs with the trial where FIELD has VALUE instead (same seed, same other fields), e.g.
+`--against activations.store_dtype=float32` for the bfloat16 store; --inert FIELD (repeatable) leaves a field that
+differs between the arms without changing what is compared out of the matching (e.g. eval.probe_examples_per_class
+for the reconstruction figures).
+
 --absorption: feature absorption (csc/pipeline/absorption.py) for the finished trials whose trials.json lacks it (sweeps
 that ran before csc measured it), computed post hoc as a trial at the current code would (posthoc_absorption): cached
 beside the sweep in absorption_posthoc.json, marked † in the Features tables.
@@ -31,6 +36,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 FIGURES = (("eval/l0", "L0", 1), ("eval/explained_variance", "EV", 3), ("eval/delta_ce", "delta CE (nats)", 3),
            ("eval/kl_spliced", "KL", 3), ("eval/ce_loss_recovered", "CE rec.", 3), ("eval/nce", "held-out nce", 3),
@@ -232,7 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--absorption", action="store_true",
                    help=f"compute feature absorption post hoc for the finished trials without it (cached in each "
                         f"sweep folder's {POSTHOC_FILE}; the LM part takes minutes on CPUs, each SAE about one)")
+    p.add_argument("--against", default=f"{GAMMA}=0", metavar="FIELD=VALUE",
+                   help=f"the twin each trial is paired with: the trial where FIELD has VALUE (default: {GAMMA}=0)")
+    p.add_argument("--inert", action="append", default=[], metavar="FIELD",
+                   help="a field left out of the matching of twins (repeatable)")
     a = p.parse_args(argv)
+    base_field, _, raw = a.against.partition("=")
+    base = (base_field, yaml.safe_load(raw))
     loaded = {d: load(d) for d in a.sweep_dirs}
     used: dict[str, dict[str, dict[str, Any]]] = {}
     if a.absorption:
@@ -247,14 +260,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(trials)} finished trials\n")
     fields = [GAMMA] + [k for k in trials[0][0]
                         if k not in (GAMMA, SEED) and len({repr(s.get(k)) for s, _ in trials}) > 1]
-    twin_fields = [k for k in fields if k != GAMMA and k not in INERT_WITHOUT_TERM]
+    if base[0] not in fields:
+        raise SystemExit(f"--against {a.against}: {base[0]} does not vary between the trials read")
+    inert = set(a.inert) | (set(INERT_WITHOUT_TERM) if base[0] == GAMMA else set())
+    twin_fields = [k for k in fields if k != base[0] and k not in inert]
     by_cell: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for setting, metrics in trials:
         by_cell[tuple(setting.get(k) for k in fields)][setting[SEED]] = metrics
     order = sorted(by_cell, key=lambda c: tuple((0, v) if isinstance(v, (int, float)) else (1, repr(v)) for v in c))
     chance = statistics.fmean(m["eval/nce_chance"] for _, m in trials)
     print(f"held-out InfoNCE at chance (codes without information): {chance:.3f}\n")
-    feature_twin_fields = [k for k in twin_fields if k not in YARDSTICK]
+    feature_twin_fields = [k for k in twin_fields if k not in YARDSTICK or base[0] != GAMMA]
     notes = posthoc_notes(used)
     posthoc = bool(notes) and notes[0].startswith("†")
     marked = tuple((k, f"{c}†" if posthoc and k in ABSORPTION else c, d) for k, c, d in FEATURE_FIGURES)
@@ -266,13 +282,14 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(notes) + "\n")
         twins: dict[tuple, dict[int, dict]] = defaultdict(dict)
         for setting, metrics in trials:
-            if setting[GAMMA] == 0:
+            if setting.get(base[0]) == base[1]:
                 twins[tuple(setting.get(k) for k in matched)].setdefault(setting[SEED], metrics)
-        tables(fields, order, by_cell, twins, matched, figures, paired)
+        tables(fields, order, by_cell, twins, matched, figures, paired, base)
 
 
 def tables(fields: list[str], order: list[tuple], by_cell: dict[tuple, dict[int, dict]],
-           twins: dict[tuple, dict[int, dict]], twin_fields: list[str], figures: tuple, paired: tuple) -> None:
+           twins: dict[tuple, dict[int, dict]], twin_fields: list[str], figures: tuple, paired: tuple,
+           base: tuple[str, Any]) -> None:
     """Per cell the mean ± spread over seeds of `figures`; then the paired differences from the twin of `paired`."""
     head = " | ".join(k.rsplit(".", 1)[-1] for k in fields)
     print(f"| {head} | seeds | " + " | ".join(c for _, c, _ in figures) + " |")
@@ -281,12 +298,13 @@ def tables(fields: list[str], order: list[tuple], by_cell: dict[tuple, dict[int,
         seeds = by_cell[key]
         values = [cell([m[k] for m in seeds.values() if k in m], d) for k, _, d in figures]
         print("| " + " | ".join(label(v) for v in key) + f" | {len(seeds)} | " + " | ".join(values) + " |")
-    print("\nPaired differences from the gamma = 0 twin (same seed, same other fields):\n")
+    print(f"\nPaired differences from the {base[0].rsplit('.', 1)[-1]} = {label(base[1])} twin (same seed, same "
+          f"other fields):\n")
     print(f"| {head} | pairs | " + " | ".join(f"Δ {c}" for _, c, _ in paired) + " |")
     print("|---" * len(fields) + "|---|" + "---|" * len(paired))
     for key in order:
         setting = dict(zip(fields, key))
-        if setting[GAMMA] == 0:
+        if setting[base[0]] == base[1]:
             continue
         twin = twins.get(tuple(setting[k] for k in twin_fields), {})
         pairs = [(m, twin[s]) for s, m in by_cell[key].items() if s in twin]

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from csc.activations.capture import run_to_layer
 from csc.activations.pairing import FIRST_ANCHOR, RULES, key_distributions
 from csc.activations.source import Activations, Shard
-from csc.config import ActivationsRunSpec, load_spec
+from csc.config import ActivationsRunSpec
+from csc.spec_loader import load_spec
+from csc.sweep.spec import SweepSpec
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 AFTER_ALLOWED = {"similar_attention", "random"}
@@ -90,7 +92,7 @@ def main() -> None:
     print(f"$ python {' '.join(shlex.quote(x) for x in sys.argv)}")
     print(f"machine: {machine()}")
 
-    spec = load_spec(ActivationsRunSpec, args.spec, ignore_sections=True)
+    spec = load_spec(ActivationsRunSpec, args.spec, part_of=SweepSpec)
     acts = Activations(spec)
     n_shards = min(args.shards, acts.n_shards[args.split])
     t0 = time.perf_counter()

@@ -34,8 +34,10 @@ from pathlib import Path
 import ray
 import torch
 
-from csc.config import TrainRunSpec, default_cache_dir, load_spec
+from csc.config import TrainRunSpec, default_cache_dir
+from csc.spec_loader import load_spec
 from csc.sweep.producer import RemoteActivations, pool_stats, start_pool
+from csc.sweep.spec import SweepSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "sweeps" / "quickstart.yaml"
@@ -133,7 +135,7 @@ def main() -> None:
     layer = a.layer if a.layer is not None else (2 if a.model == "tiny-gemma2" else 12)
     base = load_spec(TrainRunSpec, SPEC, [f"model.name={a.model}", f"activations.layer={layer}",
                                           f"activations.contexts_per_shard={a.contexts_per_shard}"],
-                     ignore_sections=True)
+                     part_of=SweepSpec)
     tokens = a.shards * a.contexts_per_shard * base.activations.context_length
     base = base.model_copy(update={"activations": base.activations.model_copy(update={"train_tokens": tokens})})
 

@@ -33,9 +33,11 @@ from csc.activations.capture import decoder_layers, run_to_layer, to_host, use_a
 from csc.activations.pairing import attention_partners
 from csc.activations.models import ModelFacts, load_language_model, resolve_device
 from csc.activations.source import Activations
-from csc.config import ModelSpec, TrainRunSpec, default_cache_dir, load_spec
+from csc.config import ModelSpec, TrainRunSpec, default_cache_dir
+from csc.spec_loader import load_spec
 from csc.errors import InputError
 from csc.sweep.producer import ActivationProducer
+from csc.sweep.spec import SweepSpec
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 
@@ -44,7 +46,7 @@ def cache_speedup(repeats: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="csc-bench-cache-"))
     try:
         (work / "models").symlink_to(default_cache_dir() / "models")  # the converted model, not what is timed
-        spec = load_spec(TrainRunSpec, SPEC, [f"activations.cache_dir={work}"], ignore_sections=True)
+        spec = load_spec(TrainRunSpec, SPEC, [f"activations.cache_dir={work}"], part_of=SweepSpec)
         a = spec.activations
         tokens = a.contexts_per_shard * a.context_length
         acts = Activations(spec)

@@ -41,7 +41,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from csc.activations.source import Activations  # noqa: E402
-from csc.config import TrainRunSpec, load_spec  # noqa: E402
+from csc.config import TrainRunSpec  # noqa: E402
+from csc.spec_loader import load_spec  # noqa: E402
 from csc.pipeline.probing import held_out_labels  # noqa: E402
 from csc.pipeline.run import evaluate_run, training_stream  # noqa: E402
 from csc.sae.archs import build_sae  # noqa: E402
@@ -49,6 +50,7 @@ from csc.sae.archs.relu import ReluConfig  # noqa: E402
 from csc.sae.config import parse_sae_config  # noqa: E402
 from csc.sae.model import SparseAutoencoder  # noqa: E402
 from csc.sae.trainer import Trainer  # noqa: E402
+from csc.sweep.spec import SweepSpec  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 # One per method; gamma > 0 and gamma = 0 often coincide, so the second is dashed to keep both visible.
@@ -154,7 +156,7 @@ def main() -> None:
         return
     spec = load_spec(TrainRunSpec, SPEC, [f"trainer.steps={a.steps}", f"eval.ce_contexts={a.ce_contexts}",
                                           f"activations.train_tokens={a.train_tokens}",
-                                          "trainer.device=cpu"], ignore_sections=True)
+                                          "trainer.device=cpu"], part_of=SweepSpec)
     acts = Activations(spec)
     for split in ("train", "eval"):
         acts.build(split)

@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 
 from csc.activations.source import Activations, shard_batches
-from csc.config import TrainRunSpec, load_spec
+from csc.config import TrainRunSpec
+from csc.spec_loader import load_spec
 from csc.pipeline.evaluate import reconstruction_scores
 from csc.pipeline.run import training_stream
 from csc.sae.archs import build_sae
 from csc.sae.trainer import Hook, Trainer
+from csc.sweep.spec import SweepSpec
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 
@@ -84,7 +86,7 @@ def main() -> None:
     a = p.parse_args()
     print(f"$ python {' '.join(shlex.quote(x) for x in sys.argv)}\n{machine()}\n")
     overrides = ["trainer.device=cpu"] + ([f"trainer.steps={a.steps}"] if a.steps else [])
-    spec = load_spec(TrainRunSpec, a.spec, overrides, ignore_sections=True)
+    spec = load_spec(TrainRunSpec, a.spec, overrides, part_of=SweepSpec)
     acts = Activations(spec)
     for split in ("train", "eval"):
         acts.build(split)

@@ -29,10 +29,12 @@ import ray
 import torch
 
 from csc.activations.source import Activations
-from csc.config import TrainRunSpec, default_cache_dir, load_spec
+from csc.config import TrainRunSpec, default_cache_dir
+from csc.spec_loader import load_spec
 from csc.pipeline.run import training_stream
 from csc.sae.trainer import Trainer
 from csc.sweep.producer import RemoteActivations, start_producer
+from csc.sweep.spec import SweepSpec
 
 SPEC = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 
@@ -95,7 +97,7 @@ def main() -> None:
     p.add_argument("--gamma", type=float, default=0.1)
     a = p.parse_args()
     base = load_spec(TrainRunSpec, SPEC, [f"activations.train_tokens={a.train_tokens}", f"trainer.gamma={a.gamma}"],
-                     ignore_sections=True)
+                     part_of=SweepSpec)
     anchors = a.train_tokens // base.activations.context_length * (base.activations.context_length - 2)
     steps = anchors // base.trainer.batch_size  # one pass over the training tokens, as real training does
     warm = steps // 4  # the quickstart's warm-ups (40 steps) are longer than one pass here

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 import time
 
 from csc.errors import CscError
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", nargs="?", help="YAML spec file (default: built-in defaults)")
+def _add_spec_args(p: argparse.ArgumentParser, spec_help: str, optional: bool) -> None:
+    p.add_argument("spec", nargs="?" if optional else None, help=spec_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set activations.layer=6 (repeatable)")
+                   help="override a spec field, e.g. --set activations.layer=6 or --set "
+                        "sweep.search.trainer.beta='{type: loguniform, low: 0.1, high: 5}' (values are YAML; a key "
+                        "that holds dots goes in brackets: sweep.search[trainer.beta].high=5; repeatable)")
 
 
 def cmd_activations(args: argparse.Namespace) -> None:
     from csc.activations.source import SPLITS, Activations
-    from csc.config import ActivationsRunSpec, load_spec
+    from csc.config import ActivationsRunSpec
+    from csc.spec_loader import load_spec
+    from csc.sweep.spec import SweepSpec
 
-    spec = load_spec(ActivationsRunSpec, args.spec, args.overrides, ignore_sections=True)
+    spec = load_spec(ActivationsRunSpec, args.spec, args.overrides, part_of=SweepSpec)
     acts = Activations(spec)
     a = spec.activations
     print(f"model {spec.model.name!r} layer {a.layer}, corpus {spec.corpus.source!r}, "
@@ -42,11 +48,13 @@ def cmd_activations(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from csc.config import TrainRunSpec, load_spec
+    from csc.config import TrainRunSpec
     from csc.pipeline import dashboard
     from csc.pipeline.run import format_metrics, train_run
+    from csc.spec_loader import load_spec
+    from csc.sweep.spec import SweepSpec
 
-    spec = load_spec(TrainRunSpec, args.spec, args.overrides, ignore_sections=True)
+    spec = load_spec(TrainRunSpec, args.spec, args.overrides, part_of=SweepSpec)
     out = Path(args.out)
     results = train_run(spec, out, resume=args.resume)
     print(format_metrics(results))
@@ -59,24 +67,32 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from csc.pipeline import dashboard
     from csc.pipeline.run import evaluate_saved, format_metrics
+    from csc.sweep.saved import saved_saes
 
-    print(format_metrics(evaluate_saved(Path(args.path))))
-    print(f"feature dashboard rewritten: {dashboard.FILE} in the run folder")
+    saes = saved_saes(Path(args.path), args.best)
+    for i, saved in enumerate(saes, 1):
+        if len(saes) > 1:
+            print(f"\n== {saved.name} ({i} of {len(saes)})", flush=True)
+        print(format_metrics(evaluate_saved(saved.spec, saved.sae_dir)))
+        print(f"feature dashboard rewritten: {saved.sae_dir.parent / dashboard.FILE}", flush=True)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from csc.config import load_spec
-    from csc.sweep.run import run_sweep, sweep_summary
+    from csc.spec_loader import load_spec
+    from csc.sweep.run import dry_run, run_sweep, sweep_summary
     from csc.sweep.spec import SweepSpec, sweep_name
 
     spec = load_spec(SweepSpec, args.spec, args.overrides)
+    if args.dry_run:
+        print(dry_run(spec, sweep_name(spec, args.spec), Path(args.out), resume=args.resume, address=args.address))
+        return
     result = run_sweep(spec, sweep_name(spec, args.spec), Path(args.out), resume=args.resume, verbose=args.verbose,
                        address=args.address)
     print("\n" + sweep_summary(result.sweep_dir))
     if result.interrupted:
-        again = " ".join(["csc sweep", args.spec or "", *(f"--set {o}" for o in args.overrides), "--out", args.out,
+        again = " ".join(["csc sweep", args.spec, *(f"--set {shlex.quote(o)}" for o in args.overrides), "--out", args.out,
                           *(["--address", args.address] if args.address else [])])
         print(f"the sweep was interrupted; continue it with: {again} --resume")
 
@@ -89,36 +105,68 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(sweep_summary(Path(args.path)))
 
 
-def cmd_ui(args: argparse.Namespace) -> None:
-    from csc.sweep.ui import MlflowServer, default_tracking
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from csc.sweep.ui import MlflowServer, check_store, default_tracking
 
     uri, root = default_tracking()
     uri = args.uri or uri
-    with MlflowServer(uri, root, port=args.port) as server:
-        print(f"MLflow UI for {uri} at {server.url}  (Ctrl+C stops it)", flush=True)
-        server.wait()
+    check_store(uri)
+    # The server runs in a session of its own (Ctrl+C in the terminal reaches only us): every way of stopping
+    # `csc ui` must leave through the with-block, which ends the server's whole process group.
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with MlflowServer(uri, root, port=args.port) as server:
+            print(f"MLflow UI for {uri} at {server.url}  (Ctrl+C stops it)", flush=True)
+            code = server.wait()
+            raise CscError(f"the MLflow server on {server.url} exited on its own with code {code}")
+    except KeyboardInterrupt:
+        signum = signal.SIGINT
+    except _Stopped as e:
+        signum = signal.Signals(e.signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"csc ui: {signum.name} received; the MLflow server on 127.0.0.1:{args.port} is stopped", file=sys.stderr)
+    return 128 + signum
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csc", description="Contrastive sparse autoencoders on LM activations.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("activations", help="build the activation cache of a spec (train and held-out splits)")
-    _add_spec_args(p)
+    _add_spec_args(p, "YAML spec file, e.g. sweeps/quickstart.yaml (its other sections are checked and ignored; "
+                      "default: built-in defaults, the embedded model and corpus)", optional=True)
     p.set_defaults(func=cmd_activations)
     p = sub.add_parser("train", help="train one SAE, evaluate it on held-out text and export it")
-    _add_spec_args(p)
+    _add_spec_args(p, "YAML spec file, e.g. sweeps/quickstart.yaml (its sweep section is checked and ignored); "
+                      "without one, every field has its default but sae.dict_size and trainer.steps, which --set "
+                      "must give", optional=True)
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="reprint the held-out metrics of an SAE that `csc train` exported and rewrite "
-                                    "its feature dashboard")
-    p.add_argument("path", help="run folder written by `csc train` (or its sae/ subfolder)")
+    p = sub.add_parser("eval", help="measure exported SAEs again on their held-out data and rewrite their feature "
+                                    "dashboards")
+    p.add_argument("path", help="a run folder of `csc train` (or its sae/ subfolder), a sweep folder (its finished "
+                                "trials) or one of its trial folders")
+    p.add_argument("--best", type=int, metavar="N", help="of a sweep folder, only the best N finished trials by the "
+                                                         "sweep's objectives (with several, the Pareto set's first N)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("sweep", help="run a Ray Tune sweep of SAEs sharing one activation producer, tracked in MLflow")
-    _add_spec_args(p)
+    _add_spec_args(p, "YAML sweep spec, e.g. sweeps/quickstart.yaml", optional=False)
     p.add_argument("--out", default="runs/sweeps", help="folder of sweep folders (default: runs/sweeps)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune's progress output (default: 1)")
+    p.add_argument("--dry-run", action="store_true", help="make every check the sweep makes before it starts, print "
+                                                          "what it would run, and stop (starts nothing, writes nothing)")
     p.add_argument("--address", help="join this Ray cluster (HOST:PORT of its head, or 'auto'; default: "
                                      "$RAY_ADDRESS, else a local Ray); --out must then be storage every node sees")
     p.set_defaults(func=cmd_sweep)
@@ -126,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="sweep folder written by `csc sweep` (e.g. runs/sweeps/quickstart)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the sweeps' tracking store")
-    p.add_argument("--uri", help="tracking URI (default: sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--uri", help="tracking URI (default: sqlite:///mlflow.db in the working directory, which must "
+                                 "exist: `csc sweep` writes it)")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     p.set_defaults(func=cmd_ui)
     return parser
@@ -135,14 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CscError as e:
         print(f"csc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("csc: interrupted; finished shards are kept in the cache", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csc.config import ActivationsRunSpec, load_spec
+from csc.config import ActivationsRunSpec
+from csc.spec_loader import load_spec
 from csc.sae.archs import sae_class
 from csc.sae.config import parse_sae_config
 from csc.sae.model import BaseSaeConfig

@@ -12,7 +12,8 @@ from csc.activations.capture import run_after_prefixes, run_to_layer
 from csc.activations.models import build_tiny_gemma2, byte_tokenizer
 from csc.activations.probe_labels import LETTERS
 from csc.activations.spelling import ICL_EXAMPLES, TEMPLATE_TAIL, FirstLetterPrompts, alpha_words
-from csc.config import CorpusSpec, EvalSpec, ModelSpec, TrainRunSpec, load_spec
+from csc.config import CorpusSpec, EvalSpec, ModelSpec, TrainRunSpec
+from csc.spec_loader import load_spec
 from csc.pipeline.absorption import (AbsorptionSet, absorbed, absorption_scores, absorption_set, split_latents,
                                      train_probe)
 from csc.sae.archs import build_sae

@@ -2,6 +2,7 @@
 (sdpa with eager probabilities at the hooked layer) on a tiny random Gemma 3 and the embedded one."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from csc.activations.corpus import documents
 from csc.activations.models import (ModelFacts, attention_for, build_tiny_gemma2, check_model_spec,
                                     load_language_model)
 from csc.activations.source import Activations
-from csc.config import ActivationsRunSpec, CorpusSpec, ModelSpec, load_spec
+from csc.config import ActivationsRunSpec, CorpusSpec, ModelSpec
+from csc.spec_loader import load_spec
 from csc.errors import InputError
 from tests.conftest import tiny_spec
 
@@ -346,10 +348,38 @@ def test_missing_or_unreadable_corpus_file(cache, tmp_path):
 
 
 def test_unknown_model_id_offline(cache, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(InputError, match=r"model.name 'no-such-org/no-such-model'.*cannot be loaded"):
+    from huggingface_hub import constants
+
+    from csc.sweep.ui import free_port
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # a Hub that does not answer
+    with pytest.raises(InputError, match=r"model.name 'no-such-org/no-such-model' \(Hugging Face model id\) is not in "
+                                         r"the local Hugging Face cache, and the Hub cannot be reached"):
         Activations(tiny_spec(cache, "model.name=no-such-org/no-such-model"))
     assert _nothing_written(cache)
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "a closed endpoint"])
+def test_a_hub_id_without_network_fails_in_seconds_with_the_command_that_fetches_it(offline, tmp_path):
+    """huggingface_hub reads its environment when imported, so each case runs in a fresh interpreter, as a user's
+    command would; the time is the check's own, imports left out."""
+    import subprocess
+
+    from csc.sweep.ui import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    port = free_port()  # nothing listens there
+    env.update({"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    script = ("import time\nfrom csc.activations.models import check_model_spec\nfrom csc.config import ModelSpec\n"
+              "from csc.errors import InputError\nimport transformers\nt = time.perf_counter()\ntry:\n"
+              "    check_model_spec(ModelSpec(name='no-such-org/no-such-model'))\nexcept InputError as e:\n"
+              "    print(f'{time.perf_counter() - t:.2f}'); print(e)\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120).stdout
+    seconds, message = out.split("\n", 1)
+    assert float(seconds) < 5, out
+    assert "`hf download no-such-org/no-such-model --revision main`" in message
+    assert ("HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else f"127.0.0.1:{port} does not answer") in message
 
 
 def test_spec_errors_name_file_and_field(tmp_path):

@@ -111,6 +111,38 @@ def test_contrastive_grid_table_pairs_each_trial_with_its_gamma_zero_twin(tmp_pa
     assert rows[1][10].strip() == "-" and rows[3][7].strip() == "0.100 ± 0.000"
 
 
+def test_contrastive_grid_pairs_with_the_twin_named_by_against(tmp_path):
+    """--against FIELD=VALUE: each trial's twin has VALUE there (here the store), the same gamma and seed; --inert
+    leaves a field that differs between the arms out of the matching."""
+    import json
+
+    def row(store, gamma, seed, ev, probe):
+        return {"trial": f"t{store}{gamma}{seed}", "outcome": "finished",
+                "params": {"trainer.gamma": gamma, "activations.store_dtype": store, "trainer.seed": seed,
+                           "eval.probe_examples_per_class": probe},
+                "metrics": {"eval/explained_variance": ev, "eval/nce_chance": 6.0}}
+
+    spec = {"spec": {"trainer": {"gamma": 0.1, "seed": 0}, "sweep": {"method": "grid"}}}
+    arms = {"fp32": [row("float32", g, s, 0.5 + g + 0.01 * s, 128) for g in (0.0, 0.1) for s in range(3)],
+            "bf16": [row("bfloat16", g, s, 0.49 + g + 0.01 * s + 0.001 * s, 16) for g in (0.0, 0.1) for s in range(3)]}
+    for name, rows in arms.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "csc_sweep.json").write_text(json.dumps(spec))
+        (tmp_path / name / "trials.json").write_text(json.dumps(rows))
+    dirs = [str(tmp_path / "fp32"), str(tmp_path / "bf16")]
+    out = run("contrastive_grid.py", *dirs, "--against", "activations.store_dtype=float32",
+              "--inert", "eval.probe_examples_per_class")
+    assert "Paired differences from the store_dtype = float32 twin" in out
+    paired = out.split("Paired differences from the store_dtype = float32 twin")[1].split("##")[0]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in paired.splitlines() if line.startswith("| 0")]
+    assert [r[:5] for r in rows] == [["0", "bfloat16", "16", "3", "-"], ["0.1", "bfloat16", "16", "3", "-"]]
+    assert rows[0][5] == rows[1][5] == "-0.009 ± 0.001"  # EV, bf16 - fp32 per seed: -0.01 + 0.001 * seed
+    # without --inert the probing field differs between the arms, so no trial has a twin
+    out = run("contrastive_grid.py", *dirs, "--against", "activations.store_dtype=float32")
+    paired = out.split("Paired differences from the store_dtype = float32 twin")[1].split("##")[0]
+    assert [line.split("|")[4].strip() for line in paired.splitlines() if line.startswith("| 0")] == ["0", "0"]
+
+
 def test_saebench_crosscheck_runs_its_help_and_table_without_saebench():
     # the script itself runs in a separate SAEBench venv (bench/saebench_env.sh); here only what needs neither
     out = run("saebench_crosscheck.py", "--help")
@@ -141,7 +173,7 @@ def test_contrastive_grid_computes_absorption_post_hoc_once(tmp_path, capsys, mo
     import yaml
 
     from csc.activations.source import Activations
-    from csc.config import load_spec
+    from csc.spec_loader import load_spec
     from csc.pipeline import absorption
     from csc.pipeline.run import hook_info
     from csc.sae.archs import build_sae

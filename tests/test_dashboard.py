@@ -15,7 +15,8 @@ import torch
 from csc.activations.models import load_language_model
 from csc.activations.pairing import FIRST_ANCHOR
 from csc.activations.source import Activations
-from csc.config import TrainRunSpec, load_spec
+from csc.config import TrainRunSpec
+from csc.spec_loader import load_spec
 from csc.pipeline import dashboard
 from csc.pipeline import dashboard_html as page
 from csc.pipeline.run import train_run

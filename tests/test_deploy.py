@@ -229,7 +229,7 @@ def entrypoint_args(rayjob: dict[str, Any]):
 
 
 def entrypoint_spec(rayjob: dict[str, Any]):
-    from csc.config import load_spec
+    from csc.spec_loader import load_spec
     from csc.sweep.spec import SweepSpec
 
     args = entrypoint_args(rayjob)

@@ -8,7 +8,8 @@ import torch
 from csc.activations.capture import run_to_layer
 from csc.activations.models import EMBEDDED_FACTS, load_language_model
 from csc.activations.source import Activations
-from csc.config import ActivationsRunSpec, ModelSpec, load_spec
+from csc.config import ActivationsRunSpec, ModelSpec
+from csc.spec_loader import load_spec
 
 pytestmark = pytest.mark.slow
 

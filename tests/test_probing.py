@@ -11,7 +11,8 @@ from csc.activations.models import byte_tokenizer
 from csc.activations.probe_labels import LETTER, SEQ, letter_classes
 from csc.activations.source import Activations
 from csc.cli import main
-from csc.config import CorpusSpec, TrainRunSpec, load_spec
+from csc.config import CorpusSpec, TrainRunSpec
+from csc.spec_loader import load_spec
 from csc.errors import CscError, InputError, SpecError
 from csc.pipeline.probing import (K_VALUES, PROBING_METRICS, balanced, held_out_labels, one_vs_rest,
                                   pooled_features, probing_scores, probing_tokens, random_floor)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from csc.cli import main
-from csc.config import load_spec
+from csc.spec_loader import load_spec
 from csc.errors import SpecError
 from csc.sweep.spec import SweepSpec, sweep_name
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from csc.activations.source import Activations
 from csc.cli import main
-from csc.config import load_spec
+from csc.spec_loader import load_spec
 from csc.errors import CscError
 from csc.pipeline.probing import held_out_labels
 from csc.sae.export import load_sae
@@ -108,6 +108,9 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     for name, run in runs.items():
         assert float(run.data.params["trainer.beta"]) == pytest.approx(rows[name]["params"]["trainer.beta"])
         assert run.data.tags["csc.outcome"] == rows[name]["outcome"]
+        assert run.data.tags["csc.searched"] == "trainer.beta, trainer.lr"
+        assert not any(k.startswith("searched.") for k in run.data.params)  # each field once
+    assert client.get_experiment(result.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     done = runs["trial_01"]
     assert done.info.status == "FINISHED"
@@ -129,7 +132,9 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert sae.cfg.dict_size == 128 and meta["hook_layer"] == 2
 
     stopped = runs["trial_02"]
-    assert stopped.info.status == "KILLED" and "ASHA stopped it at step" in stopped.data.tags["csc.stop_reason"]
+    # early stopping is an outcome, not a crash: FINISHED, its tag says how
+    assert stopped.info.status == "FINISHED" and stopped.data.tags["csc.outcome"] == "stopped_early"
+    assert "ASHA stopped it at step" in stopped.data.tags["csc.stop_reason"]
     assert "sae" in {a.path for a in client.list_artifacts(stopped.info.run_id)}
     assert "dashboard.html" not in {a.path for a in client.list_artifacts(stopped.info.run_id)}  # not evaluated
 
@@ -151,6 +156,19 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert f"the LM made {LM_SHARDS} shards" in summary
     assert "best trials (ev max, l0 min; the Pareto set):" in summary
     assert "\ntrial_0" in summary.split("the Pareto set")[1] and "open it with: csc ui\n" in summary
+
+    # csc eval measures a trial's exported SAE again, on the trial's own spec: the figures its run reported
+    (result.sweep_dir / "trial_01" / "dashboard.html").unlink()
+    assert main(["eval", str(result.sweep_dir / "trial_01")]) == 0
+    out = capsys.readouterr().out
+    ev = rows["trial_01"]["metrics"]["eval/explained_variance"]
+    assert re.search(rf"^explained variance \(centred\) +{re.escape(f'{ev:.6g}')}$", out, re.M), out
+    assert (result.sweep_dir / "trial_01" / "dashboard.html").is_file()
+    assert main(["eval", str(result.sweep_dir), "--best", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n== tiny/trial_0") == 0 and out.count("explained variance (centred)") == 1  # one: no header
+    assert main(["eval", str(result.sweep_dir / "trial_03")]) == 2
+    assert "trial_03: the trial has no exported SAE (sae/cfg.json): it did not finish" in capsys.readouterr().err
 
 
 def test_a_corpus_that_cannot_be_probed_fails_the_sweep_before_any_trial(in_tmp, cache, capsys):
@@ -180,7 +198,7 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
-    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 400, "log_every": 20}, checkpoint_every=40,
+    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 200, "log_every": 20}, checkpoint_every=40,
                            num_samples=4, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -219,7 +237,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
         assert after[name].info.run_id == run_id
     for run in after.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == list(range(20, 401, 20)), f"{run.info.run_name}: every step once"
+        assert steps == list(range(20, 201, 20)), f"{run.info.run_name}: every step once"
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
     trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
     assert sorted(r["trial"] for r in trials) == sorted(after)

@@ -8,7 +8,7 @@ import pytest
 import ray
 import yaml
 
-from csc.config import load_spec
+from csc.spec_loader import load_spec
 from csc.errors import SpecError
 from csc.sae.archs import ARCHITECTURES
 from csc.sweep.run import run_sweep

@@ -11,7 +11,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from csc.config import CorpusSpec, load_spec
+from csc.config import CorpusSpec
+from csc.spec_loader import load_spec
 from csc.errors import SpecError
 from csc.pipeline.run import METRIC_ORDER
 from csc.sae.archs import ARCHITECTURES

@@ -13,7 +13,7 @@ import ray
 from optuna.trial import TrialState
 
 from csc.cli import main
-from csc.config import load_spec
+from csc.spec_loader import load_spec
 from csc.pipeline.absorption import SAE_FIGURES
 from csc.sweep.reported import held_out
 from csc.sweep.run import STATE_FILE, run_sweep

@@ -8,7 +8,7 @@ import pickle
 import ray
 
 from csc.cli import main
-from csc.config import load_spec
+from csc.spec_loader import load_spec
 from csc.sweep.outcomes import NOT_METRICS, REPORTS, TrialRecords, metrics_of
 from csc.sweep.run import STATE_FILE, run_sweep
 from csc.sweep.spec import SweepSpec
@@ -89,14 +89,14 @@ def test_a_run_whose_trial_tune_never_saved_gives_way_to_the_trial_run_again(tmp
     first = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"), "lost")
     state = first.start_sweep("lost", str(tmp_path), spec)
     for key, name in [("a", "trial_01"), ("b", "trial_03")]:
-        first.trial_started(key, name, {})
+        first.trial_started(key, name, {}, {})
         first.log_metrics(key, 50, {"loss": 1.0}, {})
     lost = first._runs["b"]
 
     resumed = MlflowTracker.of(spec, state)
     resumed.start_sweep("lost", str(tmp_path), spec, state)
-    resumed.trial_started("a", "trial_01", {})  # a trial Tune saved: its run goes on
-    resumed.trial_started("c", "trial_03", {})
+    resumed.trial_started("a", "trial_01", {}, {})  # a trial Tune saved: its run goes on
+    resumed.trial_started("c", "trial_03", {}, {})
     assert "trial_03: MLflow run " + lost in capsys.readouterr().out
 
     client = resumed.client

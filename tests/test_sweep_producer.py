@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from csc.activations.pairing import RULES
 from csc.activations.probe_labels import LETTER, SEQ
 from csc.activations.source import Activations, shard_batches
-from csc.config import TrainRunSpec, load_spec
+from csc.config import TrainRunSpec
+from csc.spec_loader import load_spec
 from csc.pipeline.probing import held_out_labels
 from csc.pipeline.run import splice_run, training_stream
 from csc.sae.archs import build_sae

@@ -8,7 +8,7 @@ import yaml
 from csc.activations.pairing import RULES
 from csc.activations.source import Activations
 from csc.cli import main
-from csc.config import load_spec
+from csc.spec_loader import load_spec
 from csc.errors import SpecError
 from csc.sweep.spec import SweepSpec
 
@@ -228,3 +228,28 @@ def test_grid_method_runs_every_combination_once(tmp_path):
         assert message in str(e.value)
     data["sweep"].pop("method")
     assert load_spec(SweepSpec, write(tmp_path, data)).n_trials == 8  # optuna's default
+
+
+def test_dry_run_checks_what_the_sweep_checks_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, {**BASE, "activations": {"layer": 2, "cache_dir": str(tmp_path / "cache")}})
+    args = ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "runs")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"dry run of sweep 's': would write {tmp_path.resolve() / 'runs' / 's'}"
+    assert "  trainer.beta: loguniform in [0.001, 0.1]" in lines and "  sae.dict_size: one of [64, 128]" in lines
+    assert "objectives: ev (max); ASHA on ev (max), first rung at step 10" in lines
+    assert any(line.startswith("concurrency: 2 trials at once, each 1 CPU, 0 GPU; 1 producer(s)") for line in lines)
+    assert "tokens: 40 steps x 64 = 2,560 trained tokens per trial, 20,480 in all" in lines
+    acts = Activations(load_spec(SweepSpec, path).trial({}))
+    assert f"activations, train: {acts.n_shards['train']} shards in {acts.caches['train'].dir}, 0 there already" in lines
+    assert f"MLflow: sqlite:///{tmp_path.resolve() / 'mlflow.db'} (a new store), experiment 's'" in lines
+    assert not ray.is_initialized() and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+    # it refuses what the sweep refuses, before anything
+    assert main([*args, "--set", "activations.layer=9"]) == 2
+    assert "activations.layer 9 is out of range" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 2
+    assert "--resume: no sweep to resume in" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csc.config import load_spec
+from csc.spec_loader import load_spec
 from csc.errors import SpecError
 from csc.sweep.spec import SweepSpec
 

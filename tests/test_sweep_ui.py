@@ -59,3 +59,70 @@ def test_runs_page_lists_every_child_run(tmp_path):
     while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _group_alive(proc.pid), "a process of the server's group outlived the context"
+
+
+def _servers_on(port: int) -> list[int]:
+    """PIDs of processes whose command line serves `port` (the mlflow server and its uvicorn worker)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--port" in args and str(port).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_csc_ui_takes_its_server_down_on_sigint_sigterm_and_sighup(tmp_path):
+    import selectors
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from csc.sweep.ui import free_port
+
+    make_store(tmp_path)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    ports = {sig: free_port() for sig in sigs}
+    uis = {}
+    try:
+        for sig in sigs:  # three at once, one per signal: each a session of its own, as `kill PID` would reach it
+            uis[sig] = subprocess.Popen([sys.executable, "-m", "csc.cli", "ui", "--port", str(ports[sig])],
+                                        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+        for sig, ui in uis.items():
+            # csc ui prints its URL once the server answers (a signal before that is the start's to handle)
+            ready = selectors.DefaultSelector()
+            ready.register(ui.stdout, selectors.EVENT_READ)
+            assert ready.select(timeout=120), f"{sig.name}: csc ui printed nothing within 120 s"
+            first = ui.stdout.readline()
+            assert f"MLflow UI for sqlite:///{tmp_path.resolve() / 'mlflow.db'} at http://127.0.0.1:{ports[sig]}" \
+                in first
+            with opener.open(f"http://127.0.0.1:{ports[sig]}/health", timeout=5) as r:
+                assert r.status == 200
+            assert _servers_on(ports[sig]), "the server's process is not found by its port"
+        for sig, ui in uis.items():
+            ui.send_signal(sig)
+        for sig, ui in uis.items():
+            _, err = ui.communicate(timeout=60)
+            assert ui.returncode == 128 + sig, (sig, ui.returncode, err)
+            assert f"csc ui: {sig.name} received; the MLflow server on 127.0.0.1:{ports[sig]} is stopped" in err
+            assert "activation cache" not in err and "Traceback" not in err
+            assert _servers_on(ports[sig]) == [], f"{sig.name}: a server process outlived csc ui"
+            free_port(ports[sig])  # the port is free again
+    finally:
+        for ui in uis.values():
+            if ui.poll() is None:
+                ui.kill()
+
+
+def test_csc_ui_refuses_a_missing_store_naming_the_path(tmp_path, monkeypatch, capsys):
+    from csc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ui"]) == 2
+    assert f"csc: error: no MLflow store at {tmp_path.resolve() / 'mlflow.db'}: run `csc ui` where" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,8 @@ import torch
 
 from csc.activations.source import Activations
 from csc.cli import main
-from csc.config import TrainRunSpec, load_spec
+from csc.config import TrainRunSpec
+from csc.spec_loader import load_spec
 from csc.errors import CscError
 from csc.pipeline.run import train_run, training_stream
 from csc.sae.export import load_sae
@@ -105,14 +106,18 @@ def test_interrupted_run_resumes_bit_for_bit(cache, tmp_path, arch):
         assert torch.equal(t, b.state_dict()[name]), name
 
 
-def test_cli_train_prints_the_table_and_eval_needs_a_run_folder(cache, tmp_path, capsys):
+def test_cli_train_prints_the_table_and_eval_measures_its_run_folder_again(cache, tmp_path, capsys):
     args = ["train", "--out", str(tmp_path / "r")] + [f"--set={s}" for s in [
         *TINY, f"activations.cache_dir={cache}", "trainer.gamma=0"]]  # the plain SAE gets held-out InfoNCE too
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "explained variance (centred)" in out and "CE loss recovered" in out and "SAE exported to" in out
     assert "delta CE (nats)" in out and "InfoNCE (held out)" in out and "InfoNCE at chance" in out
+    assert main(["eval", str(tmp_path / "r")]) == 0  # the run folder, measured again
+    assert "explained variance (centred)" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert f"{tmp_path / 'nothing'}: no such file or folder" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
-    assert "no spec.json" in capsys.readouterr().err
+    assert f"{tmp_path}: not an SAE folder csc knows: expected a run folder of `csc train`" in capsys.readouterr().err
     assert main(["train", "--set=trainer.steps=0", f"--set=activations.cache_dir={cache}"]) == 2
     assert "trainer.steps: Input should be greater than 0" in capsys.readouterr().err

@@ -70,6 +70,10 @@ class ShardCache:
     def _sum_path(self, i: int) -> Path:
         return self.dir / f"shard_{i:05d}.sha256"
 
+    def has(self, i: int) -> bool:
+        """Whether shard i and its checksum are on disk (not verified: `load` does that)."""
+        return self._shard_path(i).is_file() and self._sum_path(i).is_file()
+
     def load(self, i: int) -> dict[str, torch.Tensor] | None:
         """The shard's tensors, or None when it is absent or fails its checksum."""
         path, sum_path = self._shard_path(i), self._sum_path(i)

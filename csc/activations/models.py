@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,6 +113,33 @@ def attention_for(attn_softcap: float | None, supports_sdpa: bool) -> str:
     return SDPA_EAGER_PROBS if attn_softcap is None and supports_sdpa else "eager"
 
 
+HUB_PROBE_TIMEOUT_S = 2.0
+"""How long the Hub's endpoint has to accept a connection before csc treats the Hub as out of reach (and so
+fails in seconds, where huggingface_hub would retry for half a minute)."""
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (HF_HUB_OFFLINE, or its endpoint not accepting a connection
+    within HUB_PROBE_TIMEOUT_S), or None. Behind a proxy (HTTPS_PROXY) the proxy decides: no probe."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{url.hostname}:{port} does not answer: {e.strerror or e}"
+    return None
+
+
+def _hub_id(spec: ModelSpec) -> bool:
+    return spec.name not in (EMBEDDED, TINY_GEMMA2) and not Path(spec.name).expanduser().exists()
+
+
 def check_model_spec(spec: ModelSpec) -> ModelFacts:
     """Cheap checks before any long work: the model can be found; its shape, read from its config."""
     resolve_device(spec.device)
@@ -118,20 +147,28 @@ def check_model_spec(spec: ModelSpec) -> ModelFacts:
         f = EMBEDDED_FACTS
         return ModelFacts(f["num_hidden_layers"], f["hidden_size"], f["max_position_embeddings"],
                           attention_for(f["attn_logit_softcapping"], EMBEDDED_SUPPORTS_SDPA))
+    offline = hub_unreachable() if _hub_id(spec) else None
     try:
         if spec.name == TINY_GEMMA2:
             config = tiny_gemma2_config(spec)
         else:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(spec.name, revision=spec.revision)
+            config = AutoConfig.from_pretrained(spec.name, revision=spec.revision, local_files_only=offline is not None)
         return ModelFacts.of(config)
     except (OSError, ValueError) as e:
-        where = "local folder" if Path(spec.name).exists() else "Hugging Face model id"
+        if not _hub_id(spec):
+            raise InputError(f"model.name {spec.name!r} (local folder) cannot be loaded: {first_line(e)}") from None
+        fetch = f"hf download {spec.name} --revision {spec.revision}"
+        if offline is not None:
+            raise InputError(
+                f"model.name {spec.name!r} (Hugging Face model id) is not in the local Hugging Face cache, and the Hub "
+                f"cannot be reached ({offline}). Fetch it where there is network access with `{fetch}` (HF_TOKEN "
+                f"set for a gated model) and copy the cache ($HF_HOME/hub, default ~/.cache/huggingface/hub) here, "
+                f"or point model.name at a local folder") from None
         raise InputError(
-            f"model.name {spec.name!r} ({where}) cannot be loaded: not in the local Hugging Face cache and "
-            f"the Hub is unreachable or has no such model. Download it once with network access "
-            f"(huggingface-cli download {spec.name}) or point model.name at a local folder. ({first_line(e)})"
+            f"model.name {spec.name!r} (Hugging Face model id) cannot be loaded: the Hub has no such model at "
+            f"revision {spec.revision!r}, or it is gated (set HF_TOKEN; `{fetch}` checks access). ({first_line(e)})"
         ) from None
 
 
@@ -180,26 +217,27 @@ def load_tokenizer(spec: ModelSpec, cache_root: Path) -> PreTrainedTokenizerBase
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    name, revision = _pretrained_source(spec, cache_root)
+    name, kw = _pretrained_source(spec, cache_root)
     try:
-        return AutoTokenizer.from_pretrained(name, **({} if revision is None else {"revision": revision}))
+        return AutoTokenizer.from_pretrained(name, **kw)
     except (OSError, ValueError) as e:
         raise InputError(f"model.name {name!r}: its tokenizer cannot be loaded: {first_line(e)}") from None
 
 
-def _pretrained_source(spec: ModelSpec, cache_root: Path) -> tuple[str, str | None]:
-    """(folder or Hub id, Hub revision or None) that transformers loads the model and its tokenizer from."""
+def _pretrained_source(spec: ModelSpec, cache_root: Path) -> tuple[str, dict]:
+    """(folder or Hub id, keyword arguments) that transformers loads the model and its tokenizer from: a Hub id's
+    revision, and the local cache only when the Hub is out of reach (no half-minute of retries)."""
     if spec.name == EMBEDDED:
-        return str(embedded_model_folder(cache_root)), None
+        return str(embedded_model_folder(cache_root)), {}
     check_model_spec(spec)
-    local = Path(spec.name).expanduser().is_dir()
-    return spec.name, None if local else spec.revision
+    if not _hub_id(spec):
+        return spec.name, {}
+    return spec.name, {"revision": spec.revision, "local_files_only": hub_unreachable() is not None}
 
 
-def _from_pretrained(name: str, revision: str | None, dtype: torch.dtype):
+def _from_pretrained(name: str, kw: dict, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = {} if revision is None else {"revision": revision}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kw)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **kw)

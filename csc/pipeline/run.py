@@ -203,14 +203,19 @@ def _eval_anchors(acts: ShardSource) -> int:
     return acts.n_shards["eval"] * a.contexts_per_shard * (a.context_length - 2)
 
 
-def evaluate_saved(run_dir: Path) -> dict[str, float]:
-    """`csc eval`: reload an exported SAE and the spec of its run, measure it again and rewrite its dashboard
-    (dashboard.html in the run folder)."""
+def train_run_spec(run_dir: Path) -> tuple[TrainRunSpec, Path] | None:
+    """The spec and the exported SAE folder of a run folder that `csc train` wrote (or of its sae/ subfolder);
+    None when `run_dir` is not one."""
     sae_dir = run_dir / "sae" if (run_dir / "sae").is_dir() else run_dir
     spec_path = sae_dir.parent / SPEC_FILE
-    if not spec_path.is_file():
-        raise CscError(f"{run_dir}: no {SPEC_FILE} beside the exported SAE; give the run folder that `csc train` wrote")
-    spec = TrainRunSpec.model_validate_json(spec_path.read_text())
+    if not (spec_path.is_file() and (sae_dir / "cfg.json").is_file()):
+        return None
+    return TrainRunSpec.model_validate_json(spec_path.read_text()), sae_dir
+
+
+def evaluate_saved(spec: TrainRunSpec, sae_dir: Path) -> dict[str, float]:
+    """`csc eval`: reload an exported SAE, measure it again on the held-out data of `spec` and rewrite its feature
+    dashboard (dashboard.html beside sae_dir)."""
     sae, meta = load_sae(sae_dir)
     acts = Activations(spec)
     if abs(meta["csc_norm_scale"] - acts.scale) > 1e-6 * acts.scale:

@@ -159,8 +159,10 @@ class TrialRecords(Callback):
         if self.tracker is not None and trial.trial_id not in self._told:
             self._told.add(trial.trial_id)
             spec = self.spec.trial(trial.config)
-            self.tracker.trial_started(trial.trial_id, trial_name(trial), {
-                "sae": spec.sae.model_dump(), "trainer": spec.trainer.model_dump(), "searched": dict(trial.config)})
+            # each field once, at the trial's value; which of them the sweep searched is a tag
+            self.tracker.trial_started(trial.trial_id, trial_name(trial),
+                                       {"sae": spec.sae.model_dump(), "trainer": spec.trainer.model_dump()},
+                                       {"csc.searched": ", ".join(trial.config)})
         return self.tracker
 
     def _trial_dir(self, trial: Trial) -> Path:

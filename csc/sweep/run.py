@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from csc.activations.source import Activations
+from csc.activations.source import SPLITS, Activations
 from csc.errors import CscError
 from csc.pipeline.absorption import SAE_FIGURES
 from csc.sweep import report
@@ -33,8 +33,9 @@ from csc.sweep.scheduler import scheduler
 from csc.sweep.search import searcher
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker, tracker_for
+from csc.sweep.tracking.mlflow import check_server, tracking_of
 from csc.sweep.trial import run_trial
-from csc.sweep.ui import default_tracking
+from csc.sweep.ui import default_tracking, sqlite_path
 
 STATE_FILE = "csc_sweep.json"
 
@@ -141,6 +142,75 @@ def _preflight(spec: SweepSpec, local: bool) -> None:
                        f"allows; lower the dictionary size, trainer.batch_size or sweep.max_concurrent")
 
 
+def _sweep_state(spec: SweepSpec, sweep_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """The state file of the sweep to resume (None for a new sweep), refusing a folder that does not fit."""
+    state_path = sweep_dir / STATE_FILE
+    if resume:
+        if not state_path.is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
+            raise CscError(f"--resume: no sweep to resume in {sweep_dir} (run it once without --resume)")
+        state = json.loads(state_path.read_text())
+        if state["spec"] != json.loads(spec.model_dump_json()):
+            raise CscError(f"--resume: {sweep_dir} was started with a different spec; resume with the same spec "
+                           f"or start a new sweep (another --out or sweep.name)")
+        return state
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        raise CscError(f"sweep folder {sweep_dir} holds a sweep: pass --resume to continue it, "
+                       f"or choose another --out or sweep.name")
+    return None
+
+
+def dry_run(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, address: str | None = None) -> str:
+    """`csc sweep --dry-run`: every check a real run makes before it starts (the sweep folder, the model's limits,
+    the corpus, this machine's memory, the tracking server), then what the sweep would do, as text. Starts no Ray,
+    no LM and no MLflow client, and writes nothing."""
+    sweep_dir = (out / name).resolve()
+    state = _sweep_state(spec, sweep_dir, resume)
+    address = address or os.environ.get("RAY_ADDRESS")
+    _preflight(spec, local=not address)
+    uri, _ = tracking_of(spec) if state is None else (state.get("tracking_uri"), None)
+    if uri is not None and uri.startswith(("http://", "https://")):
+        check_server(uri)
+    sw, t = spec.sweep, spec.trainer
+    lines = [f"dry run of sweep {name!r}: {'resumes' if state else 'would write'} {sweep_dir}"
+             f"{'' if state or not sweep_dir.exists() else ' (the folder exists and holds no sweep)'}",
+             f"search ({sw.method}, {spec.n_trials} trials"
+             + (f": {spec.n_configs} configurations x {sw.seeds} seeds" if sw.seeds > 1 else "") + "):"]
+    for key, p in sw.search.items():
+        lines.append(f"  {key}: " + (f"one of {p.values}" if p.type == "choice" else f"{p.type} in [{p.low:g}, {p.high:g}]"))
+    if not sw.search:
+        lines.append("  (nothing searched: every trial is the base spec)")
+    for point in sw.points_to_evaluate:
+        lines.append(f"  first: {point}")
+    lines.append("objectives: " + ", ".join(f"{o.metric} ({o.mode})" for o in sw.objectives)
+                 + ("; no early stopping" if sw.scheduler is None else
+                    f"; ASHA on {sw.scheduler.metric} ({sw.scheduler.mode}), first rung at step {sw.scheduler.grace_period}"))
+    r, pr = sw.resources, sw.producer
+    lines.append(f"concurrency: {sw.max_concurrent} trials at once, each {r.trial_cpus:g} CPU, {r.trial_gpus:g} GPU"
+                 + (f", {r.trial_custom}" if r.trial_custom else "")
+                 + f"; {pr.replicas} producer(s), each {r.producer_cpus:g} CPU, {r.producer_gpus:g} GPU"
+                 + (f", {r.producer_custom}" if r.producer_custom else "") + f", store {pr.store}"
+                 + (f" ({pr.memory_mb:g} MB each)" if pr.store == "memory" else "")
+                 + (f"; on the Ray cluster at {address}" if address else "; on a local Ray"))
+    lines.append(f"tokens: {t.steps} steps x {t.batch_size} = {t.steps * t.batch_size:,} trained tokens per trial, "
+                 f"{t.steps * t.batch_size * spec.n_trials:,} in all")
+    acts = Activations(spec.trial({}))
+    for split in SPLITS:
+        cache = acts.caches[split]
+        have = sum(cache.has(i) for i in range(acts.n_shards[split]))
+        lines.append(f"activations, {split}: {acts.n_shards[split]} shards in {cache.dir}, {have} there already")
+    if uri is None:
+        lines.append("MLflow: none (the sweep ran untracked)")
+    else:
+        where = uri
+        path = sqlite_path(uri)
+        if path is not None and not path.is_file():
+            where += " (a new store)"
+        experiment = (f"experiment {state['experiment_id']}, parent run {state['parent_run_id']}" if state
+                      else f"experiment {sw.tracking.experiment or name!r}")
+        lines.append(f"MLflow: {where}, {experiment}")
+    return "\n".join(lines)
+
+
 def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, verbose: int = 1,
               address: str | None = None, tracked: bool = True) -> SweepResult:
     """Run (or resume) the sweep; `out` must be storage every node sees when `address` names a cluster.
@@ -148,17 +218,7 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     sweep_dir = (out / name).resolve()
     state_path = sweep_dir / STATE_FILE
     spec_json = spec.model_dump_json()
-    state = None
-    if resume:
-        if not state_path.is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
-            raise CscError(f"--resume: no sweep to resume in {sweep_dir} (run it once without --resume)")
-        state = json.loads(state_path.read_text())
-        if state["spec"] != json.loads(spec_json):
-            raise CscError(f"--resume: {sweep_dir} was started with a different spec; resume with the same spec "
-                           f"or start a new sweep (another --out or sweep.name)")
-    elif tune.Tuner.can_restore(str(sweep_dir)):
-        raise CscError(f"sweep folder {sweep_dir} holds a sweep: pass --resume to continue it, "
-                       f"or choose another --out or sweep.name")
+    state = _sweep_state(spec, sweep_dir, resume)
     address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets it
     _preflight(spec, local=not address)
 

@@ -22,6 +22,7 @@ from csc.sae.config import WARMUPS, TrainerConfig
 from csc.errors import SpecError
 from csc.sae.archs import ARCHITECTURES
 from csc.sae.trainer import TRAINING_METRICS
+from csc.spec_loader import did_you_mean
 from csc.pipeline.absorption import ABSORPTION_METRICS
 from csc.sweep.report import SEED
 from csc.sweep.reported import EVAL_PREFIX, HELD_OUT, held_out, trial_metrics
@@ -395,13 +396,16 @@ def _check_value(spec: SweepSpec, key: str, value: Any, where: str) -> Any:
     params = {key: value}
     if section == "trainer":
         if field not in TrainerConfig.model_fields:
-            raise ValueError(f"{where}: TrainerConfig has no searchable field {field!r}")
+            raise ValueError(f"{where}: TrainerConfig has no searchable field {field!r}"
+                             f"{did_you_mean(field, list(TrainerConfig.model_fields))}")
     elif section == "sae" and field != "architecture":
         archs = [a for a in _architectures(spec) if a in ARCHITECTURES
                  and field in ARCHITECTURES[a].config_class.model_fields]
         if not archs or field == "d_in":
+            known = [f for a in _architectures(spec) if a in ARCHITECTURES
+                     for f in ARCHITECTURES[a].config_class.model_fields if f != "d_in"]
             raise ValueError(f"{where}: no architecture of this sweep ({', '.join(_architectures(spec))}) has a "
-                             f"searchable field {field!r}")
+                             f"searchable field {field!r}{did_you_mean(field, known)}")
         params["sae.architecture"] = archs[0]
     try:
         checked = TrainRunSpec.model_validate(with_params(spec, params))

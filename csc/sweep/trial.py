@@ -38,6 +38,10 @@ from csc.sweep.reported import EVAL_PREFIX
 from csc.sweep.spec import SweepSpec
 
 
+TABLE_FIRST = ("loss", "ev", "l0", "mse")
+"""The metrics Tune's terminal table shows (it takes the first four of a trial's report)."""
+
+
 class TuneReport(Hook):
     """Every report but the last goes to Tune (the last waits for the held-out figures); every
     `checkpoint_every` steps with a checkpoint."""
@@ -51,7 +55,9 @@ class TuneReport(Hook):
             _report(self.tag(report), trainer if due else None, self.spec, self.scale)
 
     def tag(self, report: Metrics) -> dict[str, Any]:
-        return {**report, "node_id": self.node_id}  # which Ray node trained it (Tune's node_ip is one per machine)
+        # Tune's progress table shows a trial's first four metrics: these first
+        first = {k: report[k] for k in TABLE_FIRST if k in report}
+        return {**first, **report, "node_id": self.node_id}  # node_id: Tune's node_ip is one per machine
 
 
 def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: int) -> None:

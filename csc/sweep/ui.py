@@ -36,6 +36,21 @@ def default_tracking() -> tuple[str, str]:
     return f"sqlite:///{Path('mlflow.db').resolve()}", str(Path("mlartifacts").resolve())
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def check_store(uri: str) -> None:
+    """Refuse a SQLite store that does not exist: mlflow would create an empty one and serve an empty UI."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise CscError(f"no MLflow store at {path}: run `csc ui` where `csc sweep` ran (it writes mlflow.db in its "
+                       f"working directory), or give --uri sqlite:///PATH/mlflow.db")
+
+
 def runs_page_url(server_url: str, experiment_id: str, flat: bool = False) -> str:
     """The runs table of an experiment. flat=True lists child runs as rows instead of under their parent."""
     return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs" + (FLAT_QUERY if flat else "")

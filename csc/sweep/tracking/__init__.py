@@ -28,10 +28,10 @@ class Tracker(Protocol):
         """Open the sweep's record and record its spec; returns the ids that find it again, which the
         sweep's state file keeps; `resume`: that state (--resume), to reopen the same record."""
 
-    def trial_started(self, key: str, name: str, params: dict[str, Any]) -> None:
+    def trial_started(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         """Open the record of trial `key` (Tune's trial id; `name`: trial_NN), with its params (nested
-        sections), or reopen it if a previous run of the sweep made it. Called once per trial and driver
-        process, before any other call about that trial."""
+        sections, each field once) and tags, or reopen it if a previous run of the sweep made it. Called once per
+        trial and driver process, before any other call about that trial."""
 
     def log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
         """One report of the trial at training step `step`; a step already recorded is not recorded again

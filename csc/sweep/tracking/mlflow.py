@@ -29,10 +29,13 @@ from csc.sweep.ui import default_tracking
 UNSENT_FILE = "mlflow_unsent.json"
 END_WAIT_S = 60
 """How long the end of a sweep waits for MLflow to take the records it could not take before."""
-STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
+# A trial that early stopping ended ran as asked: FINISHED (its tag csc.outcome says how), not a crash's status.
+STATUS = {"finished": "FINISHED", "stopped_early": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 STEP_METRIC = "loss"
 """A metric of every report: its history says which steps a reopened run already has."""
 TAG_CHARS = 5000
+EXPERIMENT_KIND = "mlflow.experimentKind"
+"""The experiment tag that picks the MLflow UI's view (3.x): an untagged experiment may open in the GenAI one."""
 
 
 def tracking_of(spec: SweepSpec) -> tuple[str, str | None]:
@@ -43,7 +46,7 @@ def tracking_of(spec: SweepSpec) -> tuple[str, str | None]:
     return uri, t.artifact_root or (root if uri.startswith("sqlite:") else None)
 
 
-def _check_server(uri: str) -> None:
+def check_server(uri: str) -> None:
     """Fail in seconds, before any compute: MLflow's client would retry an absent server for minutes."""
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
@@ -119,7 +122,7 @@ class MlflowTracker(Tracker):
     def start_sweep(self, name: str, sweep_dir: str, spec: SweepSpec,
                     resume: dict[str, Any] | None = None) -> dict[str, str]:
         if self.uri.startswith(("http://", "https://")):
-            _check_server(self.uri)
+            check_server(self.uri)
         self.sweep_dir = sweep_dir
         client = self.client
         try:
@@ -131,7 +134,7 @@ class MlflowTracker(Tracker):
                 exp = client.get_experiment_by_name(exp_name)
                 self.experiment_id = exp.experiment_id if exp else client.create_experiment(
                     exp_name, artifact_location=Path(self.artifact_root).resolve().as_uri() if self.artifact_root
-                    else None)
+                    else None, tags={EXPERIMENT_KIND: "custom_model_development"})
                 self.parent_run_id = client.create_run(self.experiment_id, run_name=name, tags={
                     "csc.sweep_dir": sweep_dir, "csc.role": "sweep"}).info.run_id
         except Exception as e:  # MLflow raises many kinds (connection, SQL, REST): all mean the same to the user
@@ -179,9 +182,9 @@ class MlflowTracker(Tracker):
 
     # ------------------------------------------------------------------ the trials' child runs
 
-    def trial_started(self, key: str, name: str, params: dict[str, Any]) -> None:
+    def trial_started(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         self._names[key] = name
-        self._do(f"start of {name}", self._open_run, key, name, flat_params(params))
+        self._do(f"start of {name}", self._open_run, key, name, flat_params(params), tags)
 
     def log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
         self._do(f"report of {self._names[key]}", self._log_metrics, key, step, metrics, tags)
@@ -193,7 +196,7 @@ class MlflowTracker(Tracker):
         what = "failure of" if outcome == "failed" else "end of"
         self._do(f"{what} {self._names[key]}", self._finish, key, outcome, tags, artifacts)
 
-    def _open_run(self, key: str, name: str, params: dict[str, str]) -> None:
+    def _open_run(self, key: str, name: str, params: dict[str, str], tags: dict[str, str]) -> None:
         """The trial's run: the one a previous run of the sweep made (its steps are not logged again), else
         a new child run of the sweep's parent run."""
         if key in self._runs:
@@ -209,7 +212,7 @@ class MlflowTracker(Tracker):
         else:
             self._delete_lost(name)
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags={
-                "mlflow.parentRunId": self.parent_run_id, "csc.trial_id": key,
+                **tags, "mlflow.parentRunId": self.parent_run_id, "csc.trial_id": key,
                 "csc.sweep_dir": self.sweep_dir}).info.run_id
             self._log_params(run_id, params)
             self._last_step[run_id] = 0
