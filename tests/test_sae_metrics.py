@@ -171,3 +171,12 @@ def test_streaming_stats_equal_the_formulas_on_all_tokens_at_once():
     assert abs(naive - r["explained_variance"]) > 1e-3
     with pytest.raises(CscError):
         metrics.StreamingStats(6, 10).result()
+
+
+def test_density_histogram_round_trips_through_json():
+    from csc.sae.metrics import DensityHistogram, feature_density_histogram
+
+    hist = feature_density_histogram(torch.tensor([0, 1, 5, 40, 0, 900]), n_tokens=1000, bins=8)
+    back = DensityHistogram.from_json(hist.to_json())
+    assert torch.equal(back.edges, hist.edges) and torch.equal(back.counts, hist.counts)
+    assert back.n_never_fired == hist.n_never_fired == 2

@@ -121,7 +121,9 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
         done.data.metrics)  # every held-out figure, the headline's scale and InfoNCE's chance level included
     arts = {a.path for a in client.list_artifacts(done.info.run_id)} | \
         {a.path for a in client.list_artifacts(done.info.run_id, "sae")}
-    assert arts >= {"curves.png", "eval.json", "dashboard.html", "sae/cfg.json", "sae/sae_weights.safetensors"}
+    assert arts >= {"curves.png", "density.png", "eval.json", "dashboard.html", "sae/cfg.json",
+                    "sae/sae_weights.safetensors"}
+    assert (result.sweep_dir / "trial_01" / "density.png").read_bytes().startswith(b"\x89PNG")
     # The feature dashboard (logit tables and token strings from the producer) opens from the run, and the sweep
     # folder keeps it too; tests/test_dashboard.py checks what it shows.
     page = Path(client.download_artifacts(done.info.run_id, "dashboard.html", str(in_tmp / "dl"))).read_text()

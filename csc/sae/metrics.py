@@ -11,6 +11,7 @@ Conventions (also used by the training losses):
 - normalised mse = sum ||x - x_hat||^2 / sum ||x||^2 (relative to predicting zero).
 """
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,15 @@ class DensityHistogram:
     """[bins] latents per bin; densities below the first edge land in the first bin."""
     n_never_fired: int
     """Latents with density exactly 0 (log10 is -inf, so they are counted apart)."""
+
+    def to_json(self) -> str:
+        return json.dumps({"edges": self.edges.tolist(), "counts": self.counts.tolist(),
+                           "n_never_fired": self.n_never_fired})
+
+    @classmethod
+    def from_json(cls, text: str) -> "DensityHistogram":
+        d = json.loads(text)
+        return cls(torch.tensor(d["edges"], dtype=torch.float64), torch.tensor(d["counts"]), int(d["n_never_fired"]))
 
 
 def feature_density_histogram(fire_counts: torch.Tensor, n_tokens: int, bins: int = 40,

@@ -6,6 +6,8 @@ A Tune callback (TrialRecords, on the driver) writes, as trials end:
     trial_NN/curves.png  its training curves, from every report it made (Tune's result.json)
     trial_NN/dashboard.html
                          a finished trial's feature dashboard (csc.pipeline.dashboard), made by the trial
+    trial_NN/density.png a finished trial's feature-density histogram on held-out tokens (drawn here from the
+                         trial's density.json)
     trial_NN/error.txt   a failed trial's traceback
 and, when the sweep ends, its reports (csc.sweep.report): trials.json (what `csc report` reads), trials.csv,
 pareto.png, progression.png and, where configurations ran over several seeds, configs.json and configs.csv (each
@@ -32,10 +34,12 @@ from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT, TRIAL_ID
 
 from csc.pipeline import dashboard, plots
+from csc.sae.metrics import DensityHistogram
 from csc.sweep import report
 from csc.sweep.scheduler import stopped_by_scheduler
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker
+from csc.sweep.trial import DENSITY_FILE
 
 TRIALS_FILE = "trials.json"
 REPORTS = (TRIALS_FILE, "trials.csv", "pareto.png", "progression.png")
@@ -222,6 +226,11 @@ class TrialRecords(Callback):
                 if (Path(d) / dashboard.FILE).is_file():
                     shutil.copy2(Path(d) / dashboard.FILE, local / dashboard.FILE)
                     kept.append(local / dashboard.FILE)
+                if (Path(d) / DENSITY_FILE).is_file():
+                    hist = DensityHistogram.from_json((Path(d) / DENSITY_FILE).read_text())
+                    plots.density_histogram(hist, local / "density.png",
+                                            title=f"{row['trial']}: dictionary {row['dict_size']}")
+                    kept.append(local / "density.png")
         history = reported_history(trial)
         if history:
             title = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())

@@ -38,6 +38,8 @@ from csc.sweep.reported import EVAL_PREFIX
 from csc.sweep.spec import SweepSpec
 
 
+DENSITY_FILE = "density.json"
+"""A finished trial's feature-density histogram on held-out tokens, in its final checkpoint."""
 TABLE_FIRST = ("loss", "ev", "l0", "mse")
 """The metrics Tune's terminal table shows (it takes the first four of a trial's report)."""
 
@@ -90,12 +92,14 @@ def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivat
                                     start=trainer.batches_consumed), [hook])
 
     # The final report: ASHA stops a trial once it reaches trainer.steps, so nothing may come after it.
-    results, _ = evaluate_run(spec, trainer.model, acts, splice=acts.splice, labels=acts.probe_labels(),
-                              absorption=acts.absorption() if spec.eval.absorption else None)
+    results, hist = evaluate_run(spec, trainer.model, acts, splice=acts.splice, labels=acts.probe_labels(),
+                                 absorption=acts.absorption() if spec.eval.absorption else None)
     page = dashboard.build(spec, trainer.model, acts, results, tables=acts.logit_tables)
     report = hook.tag(trainer.last_report)
     report.update({EVAL_PREFIX + k: v for k, v in results.items()})
-    _report(report, trainer, spec, acts.scale, {"eval.json": json.dumps(results, indent=1), dashboard.FILE: page})
+    # the density histogram as data: trial workers import no matplotlib, the driver draws it (csc.sweep.outcomes)
+    _report(report, trainer, spec, acts.scale, {"eval.json": json.dumps(results, indent=1), dashboard.FILE: page,
+                                                DENSITY_FILE: hist.to_json()})
 
 
 def _report(metrics: dict[str, Any], trainer: Trainer | None, spec: TrainRunSpec, scale: float,
