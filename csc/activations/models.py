@@ -14,6 +14,7 @@ probabilities of the hooked layer, and only eager attention returns probabilitie
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -128,11 +129,17 @@ def hub_unreachable() -> str | None:
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None
     url = urllib.parse.urlsplit(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    return _unanswered(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+
+
+@functools.lru_cache(maxsize=None)
+def _unanswered(host: str, port: int) -> str | None:
+    """One probe per endpoint and process: loading a model asks check_model_spec several times (the activations'
+    checks, the weights' source, the attention), and offline each probe waits out HUB_PROBE_TIMEOUT_S."""
     try:
-        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
     except OSError as e:
-        return f"{url.hostname}:{port} does not answer: {e.strerror or e}"
+        return f"{host}:{port} does not answer: {e.strerror or e}"
     return None
 
 
