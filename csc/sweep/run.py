@@ -123,14 +123,14 @@ def sae_bytes(d_model: int, dict_size: int, batch_size: int) -> int:
     return 4 * (4 * 2 * d_model * dict_size + 6 * batch_size * dict_size + 2 * batch_size * batch_size)
 
 
-def _preflight(spec: SweepSpec, local: bool) -> None:
+def _preflight(spec: SweepSpec, local: bool) -> Activations:
     """What only shows against the model, the corpus and this machine, checked before anything starts:
     the layer and context limits, text in both splits, and (on a local Ray) whether the largest
-    dictionary the search can pick fits in memory max_concurrent times."""
+    dictionary the search can pick fits in memory max_concurrent times. Returns the base spec's activations."""
     acts = Activations(spec.trial({}))
     acts.check_corpus_has_text()
     if not local:
-        return  # the cluster's nodes are not this machine
+        return acts  # the cluster's nodes are not this machine
     sizes = [spec.sae.dict_size]
     if "sae.dict_size" in spec.sweep.search:
         sizes += [int(v) for v in spec.sweep.search["sae.dict_size"].ends()]
@@ -140,6 +140,7 @@ def _preflight(spec: SweepSpec, local: bool) -> None:
         raise CscError(f"sae.dict_size up to {max(sizes)}: {spec.sweep.max_concurrent} trials at once need about "
                        f"{need / 2**30:.1f} GiB for their SAEs, more than this machine's {have / 2**30:.1f} GiB "
                        f"allows; lower the dictionary size, trainer.batch_size or sweep.max_concurrent")
+    return acts
 
 
 def _sweep_state(spec: SweepSpec, sweep_dir: Path, resume: bool) -> dict[str, Any] | None:
@@ -166,7 +167,7 @@ def dry_run(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, addr
     sweep_dir = (out / name).resolve()
     state = _sweep_state(spec, sweep_dir, resume)
     address = address or os.environ.get("RAY_ADDRESS")
-    _preflight(spec, local=not address)
+    acts = _preflight(spec, local=not address)
     uri, _ = tracking_of(spec) if state is None else (state.get("tracking_uri"), None)
     if uri is not None and uri.startswith(("http://", "https://")):
         check_server(uri)
@@ -193,7 +194,6 @@ def dry_run(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, addr
                  + (f"; on the Ray cluster at {address}" if address else "; on a local Ray"))
     lines.append(f"tokens: {t.steps} steps x {t.batch_size} = {t.steps * t.batch_size:,} trained tokens per trial, "
                  f"{t.steps * t.batch_size * spec.n_trials:,} in all")
-    acts = Activations(spec.trial({}))
     for split in SPLITS:
         cache = acts.caches[split]
         have = sum(cache.has(i) for i in range(acts.n_shards[split]))
