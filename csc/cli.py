@@ -65,16 +65,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from csc.pipeline import dashboard
     from csc.pipeline.run import evaluate_saved, format_metrics
     from csc.sweep.saved import saved_saes
 
-    saes = saved_saes(Path(args.path), args.best)
+    saes = saved_saes(Path(args.path), args.best, args.spec, args.overrides)
     for i, saved in enumerate(saes, 1):
         if len(saes) > 1:
             print(f"\n== {saved.name} ({i} of {len(saes)})", flush=True)
-        print(format_metrics(evaluate_saved(saved.spec, saved.sae_dir)))
-        print(f"feature dashboard rewritten: {saved.sae_dir.parent / dashboard.FILE}", flush=True)
+        print(format_metrics(evaluate_saved(saved.spec, saved.sae_dir, saved.dashboard, saved.trained_on_spec)))
+        print(f"feature dashboard written: {saved.dashboard}", flush=True)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -156,9 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure exported SAEs again on their held-out data and rewrite their feature "
                                     "dashboards")
     p.add_argument("path", help="a run folder of `csc train` (or its sae/ subfolder), a sweep folder (its finished "
-                                "trials) or one of its trial folders")
+                                "trials), one of its trial folders, or any SAE folder in SAELens's layout (cfg.json "
+                                "and sae_weights.safetensors, e.g. written by SAELens's save_model)")
     p.add_argument("--best", type=int, metavar="N", help="of a sweep folder, only the best N finished trials by the "
                                                          "sweep's objectives (with several, the Pareto set's first N)")
+    p.add_argument("--spec", help="of a SAELens folder: the YAML spec whose model, corpus, activations and eval "
+                                  "sections it is measured with (default: built-in defaults; model.name and "
+                                  "activations.layer come from cfg.json's model_name and hook_name unless given). "
+                                  "SAEs csc trained are measured with the spec they were trained on")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the spec the SAEs are measured with, e.g. --set eval.ce_contexts=64 "
+                        "(repeatable)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("sweep", help="run a Ray Tune sweep of SAEs sharing one activation producer, tracked in MLflow")
     _add_spec_args(p, "YAML sweep spec, e.g. sweeps/quickstart.yaml", optional=False)

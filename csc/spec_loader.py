@@ -137,16 +137,27 @@ def _within(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
+def _merged(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(under)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
 def load_spec(cls: type[S], path: str | Path | None, overrides: list[str] | None = None,
-              part_of: type[BaseModel] | None = None) -> S:
+              part_of: type[BaseModel] | None = None, base: tuple[str, dict[str, Any]] | None = None) -> S:
     """Read YAML at `path` (or nothing: all defaults), apply `key.sub=value` overrides, validate as `cls`.
 
     `part_of`: the larger spec `cls` is a part of (a command that needs only some sections, such as `csc train` on
     a sweep spec): its other sections are validated as `part_of` declares them, then left out. Any other unknown
     section is an error.
+    `base`: (what it is, data) under the file's: each field the file or a `--set` gives replaces base's.
     """
-    origin = str(path) if path is not None else "no spec file"
+    origin = str(path) if path is not None else base[0] if base is not None else "no spec file"
     data = read_yaml(path) if path is not None else {}
+    if base is not None:
+        data = _merged(base[1], data)
     whole = part_of or cls
     setters: list[tuple[str, str]] = []  # (dotted path, the --set as given)
     for item in overrides or []:

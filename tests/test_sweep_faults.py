@@ -6,6 +6,7 @@ finishes the sweep into the same MLflow runs."""
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from csc.errors import CscError
 from csc.spec_loader import load_spec
 from csc.sweep.producer import NAMESPACE, producer_name
 from csc.sweep.run import run_sweep
@@ -105,7 +107,7 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
     `csc sweep --resume`: the sweep finishes into the same parent and child runs, none duplicated (a trial
     started just before the kill, which Tune never saved, runs again in a new run; its old run is deleted)."""
     spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 500, "log_every": 50}, checkpoint_every=100,
-                           num_samples=4, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
+                           num_samples=3, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -144,15 +146,20 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
                              start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-5000:]
     after = child_runs(client, state["experiment_id"], state["parent_run_id"])
-    assert sorted(after) == ["trial_01", "trial_02", "trial_03", "trial_04"]
-    assert len(client.search_runs([state["experiment_id"]])) == 5, "one parent and four children, no copies"
+    assert sorted(after) == ["trial_01", "trial_02", "trial_03"]
+    assert len(client.search_runs([state["experiment_id"]])) == 4, "one parent and three children, no copies"
     for name, run in before.items():
         if run.info.status == "FINISHED":
             assert after[name].info.run_id == run.info.run_id
-        elif after[name].info.run_id != run.info.run_id:  # started just before the kill, before Tune saved it
-            lost = client.get_run(run.info.run_id)
-            assert lost.info.lifecycle_stage == "deleted" and "csc.lost" in lost.data.tags
-            assert f"{name}: MLflow run {run.info.run_id} was started just before the driver died" in resumed.stdout
+        elif after[name].info.run_id != run.info.run_id:
+            old = client.get_run(run.info.run_id)
+            assert old.info.lifecycle_stage == "deleted"
+            if "csc.lost" in old.data.tags:  # started just before the kill, before Tune saved it
+                assert f"{name}: MLflow run {run.info.run_id} was started just before the driver died" in resumed.stdout
+            else:  # it had logged steps past the checkpoint it went on from: they left its run's history
+                assert "csc.discarded_branch" in old.data.tags and "csc.rewound" in after[name].data.tags
+                assert f"csc: {name}: steps " in resumed.stdout and "were a branch its SAE did not" in resumed.stdout
+    assert "Traceback" not in resumed.stdout + resumed.stderr, "Tune's noise after a resume stays out of sight"
     assert all(r.info.status == "FINISHED" for r in after.values())
     for run in after.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
@@ -161,34 +168,67 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cache, monkeypatch, capfd):
-    """The tracking server is stopped while trials train and started again on the same store: training
-    never waits for it, and every record made meanwhile reaches MLflow once it answers."""
+def test_mlflow_server_behind_authentication_and_down_mid_sweep(tmp_path, cache, monkeypatch, capfd):
+    """A sweep tracked by a real `mlflow server` over HTTP, behind MLflow's basic-auth app (credentials made by the
+    test, as deploy/mlflow's Secret holds them). Without them, or with a wrong password, the sweep is refused in
+    seconds, naming MLflow authentication; with them it runs, and they appear in no param, tag, artifact, file or
+    output. The server is stopped while trials train and started again on the same stores: training never waits
+    for it, and every record made meanwhile reaches MLflow once it answers."""
     monkeypatch.chdir(tmp_path)
+    password = secrets.token_urlsafe(24)
+    (tmp_path / "auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        f"admin_username = csc-admin\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # else every request hashes the password again (PBKDF2): 15 s more of this test
+        "auth_cache_ttl_seconds = 60\n")
+    auth = {"app_name": "basic-auth", "env": {"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+                                              "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}}  # CSRF
     store, root, port = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts"), free_port()
-    # 2000 steps: down from step 300 to at least step 1000 (7 reports of each trial); were training to end during
-    # the outage, the sweep's end waits a minute for MLflow (END_WAIT_S) and the test still checks the same.
+    # 2000 steps: down from step 300 to at least step 1000 (7 reports of each trial); where training ends during
+    # the outage (a fast machine), the sweep's end waits up to a minute for MLflow (END_WAIT_S) and the test checks
+    # the same.
     spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, trainer={"steps": 2000, "log_every": 100},
                                            checkpoint_every=1000, num_samples=2, max_concurrent=2, scheduler=None,
                                            tracking={"uri": f"http://127.0.0.1:{port}"}))
     trial_dir = tmp_path / "runs" / "outage" / "trial_01"
 
-    def wait_step(step: int, thread: threading.Thread) -> None:
+    def wait_until(done, what: str, thread: threading.Thread) -> None:
         deadline = time.monotonic() + 300
-        while (r := last_result(trial_dir)) is None or r["step"] < step:
-            assert thread.is_alive() and time.monotonic() < deadline, f"trial_01 never reached step {step}"
-            time.sleep(0.2)
+        while not done():
+            assert thread.is_alive() and time.monotonic() < deadline, f"trial_01 never {what}"
+            time.sleep(0.1)
 
-    server = MlflowServer(store, root, port=port)
+    def logged_step() -> int:  # what MLflow has of trial_01, as the driver logs it (result.json lags behind)
+        found = MlflowClient(server.url).search_runs(["1"], filter_string="attributes.run_name = 'trial_01'")
+        history = MlflowClient(server.url).get_metric_history(found[0].info.run_id, "loss") if found else []
+        return max((m.step for m in history), default=0)
+
+    server = MlflowServer(store, root, port=port, **auth)
     server.start()
     ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False)
     try:
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "csc-admin")
+        for given, wrong in [("none were given", None), ("the credentials given", "not-" + password)]:
+            if wrong is not None:
+                monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", wrong)
+            t0 = time.monotonic()
+            with pytest.raises(CscError) as refused:
+                run_sweep(spec, "refused", tmp_path / "runs", verbose=0)
+            assert time.monotonic() - t0 < 30
+            assert f"the MLflow server refused this driver (HTTP 401, MLflow authentication: {given}" in \
+                str(refused.value)
+        assert not (tmp_path / "runs" / "refused" / "csc_sweep.json").exists(), "refused before anything started"
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         sweep, out = sweep_in_thread(spec, "outage", tmp_path / "runs")
-        wait_step(300, sweep)
+        wait_until(lambda: logged_step() >= 300, "logged step 300", sweep)
+        # Down at once, as in a crash: a graceful stop takes seconds, in which a fast machine trains to the end.
+        os.killpg(server.proc.pid, signal.SIGKILL)
         server.stop()
-        wait_step(1000, sweep)  # trained and reported while MLflow was down
-        assert last_result(trial_dir)["step"] < 2000, "trial_01 finished during the outage: make it longer"
-        server = MlflowServer(store, root, port=port)
+        # trained and reported while MLflow was down (Tune's checkpoint of step 1000 is in the trial folder)
+        wait_until(lambda: (trial_dir / "checkpoint_000000").is_dir(), "reached step 1000", sweep)
+        server = MlflowServer(store, root, port=port, **auth)
         server.start()
         sweep.join(timeout=600)
         assert not sweep.is_alive() and "result" in out, "the sweep did not complete"
@@ -198,12 +238,15 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cache, monkeypatch
         histories = {n: [m.step for m in client.get_metric_history(r.info.run_id, "loss")] for n, r in runs.items()}
         arts = {n: {a.path for a in client.list_artifacts(r.info.run_id, "sae")} for n, r in runs.items()}
         parent = client.get_run(result.parent_run_id)
+        experiment = client.get_experiment(result.experiment_id)
     finally:
         server.stop()
         ray.shutdown()
 
     printed = capfd.readouterr().out  # at the descriptor: Tune may wrap sys.stdout while it runs
-    assert "csc: MLflow failed" in printed and "csc: MLflow answers again" in printed, printed[-3000:]
+    said = [line[:200] for line in printed.splitlines() if line.startswith("csc:")]
+    assert "csc: MLflow failed (report of trial_0" in printed, ("the outage began while the trials trained", said)
+    assert "csc: MLflow answers again" in printed, printed[-3000:]
     assert "could not record the end of the sweep" not in printed
     assert parent.info.status == "FINISHED" and sorted(runs) == ["trial_01", "trial_02"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
@@ -212,3 +255,10 @@ def test_mlflow_server_down_mid_sweep_loses_nothing(tmp_path, cache, monkeypatch
         assert arts[name] == {"sae/cfg.json", "sae/sae_weights.safetensors"}
         assert (tmp_path / "runs" / "outage" / name / "sae" / "cfg.json").is_file(), "kept locally too"
     assert not (tmp_path / "runs" / "outage" / "mlflow_unsent.json").exists()
+    assert "mlflow.sharedViewState.csc-outage" in experiment.tags  # the sweep's view of the runs table, over HTTP
+    assert not (tmp_path / "mlflow.db").exists(), "nothing went to the default store"
+    assert password not in printed
+    for run in [parent, *runs.values()]:
+        assert not any(password in v for v in [*run.data.params.values(), *run.data.tags.values()])
+    for path in [*(tmp_path / "runs").rglob("*"), *(tmp_path / "server-artifacts").rglob("*")]:
+        assert not path.is_file() or password.encode() not in path.read_bytes(), path

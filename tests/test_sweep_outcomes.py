@@ -105,3 +105,109 @@ def test_a_run_whose_trial_tune_never_saved_gives_way_to_the_trial_run_again(tmp
     assert resumed._runs["c"] != lost
     gone = client.search_runs([state["experiment_id"]], run_view_type=ViewType.DELETED_ONLY)
     assert [r.info.run_id for r in gone] == [lost] and gone[0].data.tags["csc.lost"].startswith("the driver died")
+
+
+def test_a_trial_that_goes_back_to_a_checkpoint_gets_the_history_of_the_sae_it_continues(tmp_path, capsys):
+    """trial_01 logged steps 50..300, then a resumed driver restarted it from its checkpoint of step 100. Trained
+    again to the same values (CPU), its run goes on; to other values (a GPU's bf16), or stopped earlier than its
+    first run got (ASHA on a resume), the run must end with the history of the SAE it ends with. MLflow cannot
+    delete points: a new run takes the history up to the checkpoint, and the old one is deleted, restorable."""
+    from mlflow.entities import ViewType
+
+    spec = load_spec(SweepSpec, tiny_sweep(tmp_path, tmp_path / "cache"))
+    first = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"), "rewind")
+    state = first.start_sweep("rewind", str(tmp_path), spec)
+    for key, name in [("a", "trial_01"), ("b", "trial_02")]:
+        first.trial_started(key, name, {"trainer": {"lr": 1e-3}}, {"csc.searched": "trainer.lr"})
+        for step in range(50, 301, 50):
+            first.log_metrics(key, step, {"loss": 1.0 / step, "ev": 0.5}, {})
+    old = dict(first._runs)
+
+    resumed = MlflowTracker.of(spec, state)
+    resumed.start_sweep("rewind", str(tmp_path), spec, state)
+    for key, name in [("a", "trial_01"), ("b", "trial_02")]:
+        resumed.trial_started(key, name, {"trainer": {"lr": 1e-3}}, {"csc.searched": "trainer.lr"})
+        resumed.log_metrics(key, 150, {"loss": 1.0 / 150, "ev": 0.5}, {}, since=100)  # trained again bit for bit
+    assert resumed._runs == old and "branch" not in capsys.readouterr().out
+    resumed.log_metrics("a", 200, {"loss": 2.0, "ev": 0.6}, {}, since=100)  # ... then to another value
+    assert "trial_01: steps 200 to 300 of its MLflow run were a branch its SAE did not continue" in \
+        capsys.readouterr().out
+    resumed.log_metrics("a", 250, {"loss": 3.0, "ev": 0.6}, {}, since=100)  # the same branch goes on
+    resumed.log_metrics("a", 200, {"loss": 4.0, "ev": 0.7}, {}, since=100)  # a retry from the same checkpoint
+    resumed.log_metrics("a", 250, {"loss": 5.0, "ev": 0.7}, {}, since=100)
+    resumed.log_metrics("a", 250, {"loss": 5.0, "ev": 0.8}, {}, since=250)  # restored from its final checkpoint
+    resumed.trial_finished("a", "finished", {}, [], 250)
+    resumed.trial_finished("b", "stopped_early", {}, [], 150)  # ASHA stopped it at 150 this time
+    assert capsys.readouterr().out.count("were a branch its SAE did not continue") == 2
+
+    client = resumed.client
+    runs = {r.info.run_name: r for r in client.search_runs([state["experiment_id"]], "tags.`csc.trial_id` != ''")}
+    assert {n: r.info.run_id for n, r in runs.items()} == {"trial_01": resumed._runs["a"],
+                                                           "trial_02": resumed._runs["b"]}
+    assert not {r.info.run_id for r in runs.values()} & set(old.values())
+
+    def history(name: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(runs[name].info.run_id, key))
+
+    assert history("trial_01", "loss") == [(50, 1 / 50), (100, 1 / 100), (150, 1 / 150), (200, 4.0), (250, 5.0)]
+    assert history("trial_01", "ev") == [(50, 0.5), (100, 0.5), (150, 0.5), (200, 0.7), (250, 0.7)]
+    assert history("trial_02", "loss") == [(50, 1 / 50), (100, 1 / 100), (150, 1 / 150)]
+    for run in runs.values():
+        assert run.data.params == {"trainer.lr": "0.001"} and run.data.tags["csc.searched"] == "trainer.lr"
+        assert run.data.tags["mlflow.parentRunId"] == state["parent_run_id"] and "csc.rewound" in run.data.tags
+        assert run.info.status == "FINISHED"
+    gone = client.search_runs([state["experiment_id"]], run_view_type=ViewType.DELETED_ONLY)
+    assert len(gone) == 3 and set(old.values()) <= {r.info.run_id for r in gone}, "three branches left"
+    assert all("csc.discarded_branch" in r.data.tags for r in gone)
+
+
+def test_the_curves_of_a_trial_that_went_back_to_a_checkpoint_are_the_branch_it_continued(tmp_path):
+    from csc.sweep.outcomes import reported_history
+
+    reports = [(50, 0, 1.0), (100, 0, 2.0), (150, 0, 3.0), (150, 100, 4.0), (200, 100, 5.0), (200, 200, 6.0)]
+    (tmp_path / "result.json").write_text(
+        "".join(json.dumps({"step": s, "since_step": since, "loss": v}) + "\n" for s, since, v in reports))
+    assert [(r["step"], r["loss"]) for r in reported_history(tmp_path)] == [(50, 1.0), (100, 2.0), (150, 4.0),
+                                                                         (200, 5.0)]
+
+
+def test_tunes_error_over_a_checkpoint_deleted_before_the_kill_is_one_line(tmp_path, capsys):
+    """Tune restored after a killed driver deletes checkpoints beyond num_to_keep that its saved state still
+    lists; one deleted before the kill raises FileNotFoundError, which Tune's controller logs with a traceback.
+    Produced here with Tune's own checkpoint manager; the record is logged as the controller logs it."""
+    import logging
+
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    from csc.sweep.run import quiet_gone_checkpoints
+
+    old, new = tmp_path / "trial_04" / "checkpoint_000000", tmp_path / "trial_04" / "checkpoint_000001"
+    old.mkdir(parents=True)
+    new.mkdir()
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=1))
+    manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(old)), {"step": 100}))
+    old.rmdir()  # deleted before the driver died; the restored state still lists it
+    controller = logging.getLogger("ray.tune.execution.tune_controller")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    controller.addHandler(handler)
+    quiet_gone_checkpoints()
+    quiet_gone_checkpoints()  # once per process, however often a sweep starts
+    try:
+        try:
+            manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(new)), {"step": 200}))
+        except FileNotFoundError:
+            controller.exception("Trial %s: Error handling checkpoint %s", "trial_04", new)
+        try:
+            raise PermissionError(13, "Permission denied")  # any other error still reaches the user whole
+        except PermissionError:
+            controller.exception("Trial %s: Error handling checkpoint %s", "trial_05", new)
+    finally:
+        controller.removeHandler(handler)
+    printed = capsys.readouterr().out
+    assert "csc: trial_04: an old checkpoint Tune meant to delete was already gone" in printed and str(old) in printed
+    assert [r.args[0] for r in records] == ["trial_05"] and records[0].exc_info is not None
+    assert len([f for f in controller.filters if type(f).__name__ == "_GoneCheckpoint"]) == 1

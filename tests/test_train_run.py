@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -67,6 +68,52 @@ def test_run_exports_and_eval_reproduces_metrics(cache, tmp_path, capsys):
     # Feature absorption: the tiny LM's letter probe finds too few letters, so only their number is reported, and why
     assert "absorption_letters" in results and "absorption_fraction" not in results
     assert "csc: feature absorption left out" in printed
+
+
+def _table(printed: str) -> dict[str, float]:
+    """csc's metric table, label: value."""
+    rows = re.findall(r"^(\S.*?)\s+(-?[\d.]+(?:e[-+]\d+)?|nan)$", printed, re.M)
+    return {label: float(value) for label, value in rows}
+
+
+def test_eval_of_a_folder_saelens_wrote_matches_the_run(cache, tmp_path, capsys):
+    """SAELens loads csc's export and writes it again in its own layout (SAELens 6's cfg.json, raw-activation
+    weights): `csc eval` on that folder, with the model and layer from its cfg.json, measures what the run did."""
+    from sae_lens import SAE  # the interop extra, installed by scripts/setup.sh
+
+    out = tmp_path / "run"
+    train_run(spec(cache, "sae.layer_norm=false"), out, progress=False)  # the scale folded into the weights
+    assert main(["eval", str(out)]) == 0
+    ours = _table(capsys.readouterr().out)
+    SAE.load_from_disk(str(out / "sae")).save_model(str(tmp_path / "theirs"))
+    assert "csc_sae_config" not in (tmp_path / "theirs" / "cfg.json").read_text()
+    data = [s for s in TINY if not s.startswith(("model.name", "activations.layer"))]
+    assert main(["eval", str(tmp_path / "theirs"), *(f"--set={s}" for s in data),
+                 f"--set=activations.cache_dir={cache}"]) == 0
+    printed = capsys.readouterr().out
+    theirs = _table(printed)
+    assert (tmp_path / "theirs" / "dashboard.html").is_file() and str(tmp_path / "theirs" / "dashboard.html") in printed
+    for label in ("explained variance (centred)", "L0", "delta CE (nats)", "KL(clean || SAE)", "CE loss recovered",
+                  "InfoNCE (held out)", "context locality, median latent"):
+        assert theirs[label] == pytest.approx(ours[label], rel=1e-4, abs=1e-6), label
+    # csc's own export alone, away from its run folder (no spec.json): read as SAELens reads it, the same figures
+    shutil.copytree(out / "sae", tmp_path / "alone")
+    assert main(["eval", str(tmp_path / "alone"), *(f"--set={s}" for s in data),
+                 f"--set=activations.cache_dir={cache}"]) == 0
+    alone = _table(capsys.readouterr().out)
+    assert alone["explained variance (centred)"] == pytest.approx(ours["explained variance (centred)"], rel=1e-4)
+    # A folder that is no SAE, and cfg.json naming a model by its TransformerLens name: distinct errors
+    assert main(["eval", str(cache)]) == 2
+    assert "not an SAE folder csc knows" in capsys.readouterr().err
+    cfg_path = tmp_path / "theirs" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"]["model_name"] = "gemma-2-2b"
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["eval", str(tmp_path / "theirs")]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg_path}: model_name 'gemma-2-2b'" in err and "--set model.name=" in err
+    assert main(["eval", str(out), "--spec", "x.yaml"]) == 2
+    assert "each measured with the spec it was trained on; change that spec with --set" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])

@@ -25,7 +25,7 @@ from csc.activations.pairing import FIRST_ANCHOR
 from csc.activations.probe_labels import ProbeLabels
 from csc.activations.source import Activations, ShardSource, shard_batches
 from csc.config import TrainRunSpec
-from csc.errors import CscError
+from csc.errors import CscError, InputError
 from csc.pipeline import dashboard, plots
 from csc.pipeline.absorption import ABSORPTION_METRICS, AbsorptionSet, absorption_scores, absorption_set
 from csc.pipeline.evaluate import (SAEBENCH_BATCH_PROMPTS, locality_scores, reconstruction_scores,
@@ -35,6 +35,7 @@ from csc.sae.batch import ActivationBatch
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.export import HookInfo, load_sae, save_sae
 from csc.sae.metrics import DensityHistogram
+from csc.sae.saelens_folder import load_saelens_sae, read_saelens_folder
 from csc.sae.model import SparseAutoencoder
 from csc.sae.trainer import Hook, Metrics, Trainer
 
@@ -213,16 +214,26 @@ def train_run_spec(run_dir: Path) -> tuple[TrainRunSpec, Path] | None:
     return TrainRunSpec.model_validate_json(spec_path.read_text()), sae_dir
 
 
-def evaluate_saved(spec: TrainRunSpec, sae_dir: Path) -> dict[str, float]:
-    """`csc eval`: reload an exported SAE, measure it again on the held-out data of `spec` and rewrite its feature
-    dashboard (dashboard.html beside sae_dir)."""
-    sae, meta = load_sae(sae_dir)
-    acts = Activations(spec)
-    if abs(meta["csc_norm_scale"] - acts.scale) > 1e-6 * acts.scale:
-        raise CscError(f"{sae_dir}: the SAE was trained with normalisation scale {meta['csc_norm_scale']}, "
-                       f"the activation cache now gives {acts.scale}")
+def evaluate_saved(spec: TrainRunSpec, sae_dir: Path, dashboard_file: Path, trained_on_spec: bool) -> dict[str, float]:
+    """`csc eval`: reload an SAE folder, measure it on the held-out data of `spec` and write its feature dashboard to
+    `dashboard_file`. `trained_on_spec`: csc trained it on `spec`'s activations (its export must carry the scale
+    they give); else it is read as SAELens reads it, on raw activations (SAELens's own folders, or a csc export
+    measured with another spec), and this cache's scale is unfolded from it."""
+    if trained_on_spec:
+        sae, meta = load_sae(sae_dir)
+        acts = Activations(spec)
+        if abs(meta["csc_norm_scale"] - acts.scale) > 1e-6 * acts.scale:
+            raise CscError(f"{sae_dir}: the SAE was trained with normalisation scale {meta['csc_norm_scale']}, "
+                           f"the activation cache now gives {acts.scale}")
+    else:
+        folder = read_saelens_folder(sae_dir)
+        acts = Activations(spec)
+        if folder.sae_config["d_in"] != acts.d_model:
+            raise InputError(f"{sae_dir / 'cfg.json'}: d_in {folder.sae_config['d_in']}, but {spec.model.name!r} "
+                             f"layer {spec.activations.layer} has width {acts.d_model}")
+        sae = load_saelens_sae(folder, acts.scale)
     results = evaluate_run(spec, sae, acts)[0]
-    (sae_dir.parent / dashboard.FILE).write_text(dashboard.build(spec, sae, acts, results))
+    dashboard_file.write_text(dashboard.build(spec, sae, acts, results))
     return results
 
 

@@ -39,14 +39,15 @@ from csc.sweep import report
 from csc.sweep.scheduler import stopped_by_scheduler
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker
-from csc.sweep.trial import DENSITY_FILE
+from csc.sweep.trial import DENSITY_FILE, RESOLVED, RESOLVED_FIELDS, SINCE
 
 TRIALS_FILE = "trials.json"
 REPORTS = (TRIALS_FILE, "trials.csv", "pareto.png", "progression.png")
 CONFIGS_FILE = "configs.json"
 CONFIG_REPORTS = (CONFIGS_FILE, "configs.csv")
 """Written where configurations ran over several seeds: one row per configuration, mean and spread over them."""
-NOT_METRICS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, SHOULD_CHECKPOINT, EXPERIMENT_TAG, TRIAL_ID, "step"))
+NOT_METRICS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, SHOULD_CHECKPOINT, EXPERIMENT_TAG, TRIAL_ID, "step",
+                         SINCE))
 """Keys of a Tune result that are not the trial's figures: what Tune adds to every report, and the step
 (the x axis of every figure)."""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error reports for terminals
@@ -64,16 +65,18 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
             if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def reported_history(trial: Trial) -> list[dict[str, float]]:
-    """Every report of the trial, one row per step ({"step": s, **metrics}), from the result file Tune keeps on
-    the driver (restored with the sweep on --resume). A step reported again after a restart from a checkpoint
-    keeps its first report, as the tracker does."""
-    path = Path(trial.local_path) / EXPR_RESULT_FILE
+def reported_history(trial_dir: Path) -> list[dict[str, float]]:
+    """Every report of a trial, one row per step ({"step": s, **metrics}), from the result file Tune keeps in its
+    folder on the driver (restored with the sweep on --resume). As in the tracker, a restart from a checkpoint that
+    trains steps already reported again replaces the reports after the checkpoint, the branch the SAE left."""
+    path = trial_dir / EXPR_RESULT_FILE
     rows: dict[int, dict[str, float]] = {}
     for line in path.read_text().splitlines() if path.is_file() else ():
         if line.strip():
             result = json.loads(line)
-            step = int(result.get("step", 0))
+            step, since = int(result.get("step", 0)), int(result.get(SINCE, 0))
+            if since < step <= max(rows, default=0):
+                rows = {s: row for s, row in rows.items() if s <= since}
             rows.setdefault(step, {"step": float(step), **metrics_of(result)})
     return [rows[s] for s in sorted(rows)]
 
@@ -147,9 +150,10 @@ class TrialRecords(Callback):
     def __init__(self, spec_json: str, sweep_dir: str, tracker: Tracker | None = None):
         self.spec_json, self.sweep_dir, self.tracker = spec_json, sweep_dir, tracker
         self._told: set[str] = set()
+        self._resolved: set[str] = set()
 
     def __getstate__(self):  # Tune pickles its callbacks; a restored tracker is told of its trials again
-        return {**self.__dict__, "_told": set()}
+        return {**self.__dict__, "_told": set(), "_resolved": set()}
 
     @property
     def spec(self) -> SweepSpec:
@@ -163,9 +167,13 @@ class TrialRecords(Callback):
         if self.tracker is not None and trial.trial_id not in self._told:
             self._told.add(trial.trial_id)
             spec = self.spec.trial(trial.config)
-            # each field once, at the trial's value; which of them the sweep searched is a tag
-            self.tracker.trial_started(trial.trial_id, trial_name(trial),
-                                       {"sae": spec.sae.model_dump(), "trainer": spec.trainer.model_dump()},
+            # each field once, at the trial's value (which of them the sweep searched is a tag); those the trial
+            # resolves where it runs come with its first report
+            fields = {"sae": spec.sae.model_dump(), "trainer": spec.trainer.model_dump()}
+            for dotted in RESOLVED_FIELDS:
+                section, name = dotted.split(".")
+                del fields[section][name]
+            self.tracker.trial_started(trial.trial_id, trial_name(trial), fields,
                                        {"csc.searched": ", ".join(trial.config)})
         return self.tracker
 
@@ -180,8 +188,12 @@ class TrialRecords(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info):
         if tracker := self._tracker(trial):
+            if RESOLVED in result and trial.trial_id not in self._resolved:
+                self._resolved.add(trial.trial_id)
+                tracker.trial_resolved(trial.trial_id, json.loads(result[RESOLVED]))
             tags = {"csc.node_id": str(result["node_id"])} if "node_id" in result else {}  # where it trained last
-            tracker.log_metrics(trial.trial_id, int(result.get("step", 0)), metrics_of(result), tags)
+            tracker.log_metrics(trial.trial_id, int(result.get("step", 0)), metrics_of(result), tags,
+                                since=int(result.get(SINCE, 0)))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info):
         row = self.row(trial, Trial.TERMINATED)
@@ -190,7 +202,8 @@ class TrialRecords(Callback):
         kept = self._keep(trial, row)
         if tracker := self._tracker(trial):
             tracker.trial_finished(trial.trial_id, row["outcome"],
-                                   {"csc.stop_reason": row["reason"]} if "reason" in row else {}, kept)
+                                   {"csc.stop_reason": row["reason"]} if "reason" in row else {}, kept,
+                                   int(trial.last_result.get("step", 0)))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info):
         row = self.row(trial, Trial.ERROR)
@@ -203,7 +216,8 @@ class TrialRecords(Callback):
             path.write_text(text)
             kept.append(path)
         if tracker := self._tracker(trial):
-            tracker.trial_finished(trial.trial_id, "failed", {"csc.failure_reason": row["reason"]}, kept)
+            tracker.trial_finished(trial.trial_id, "failed", {"csc.failure_reason": row["reason"]}, kept,
+                                   int(trial.last_result.get("step", 0)))
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info):
         """Tune retries the trial from its last checkpoint: its record goes on, and says so."""
@@ -231,7 +245,7 @@ class TrialRecords(Callback):
                     plots.density_histogram(hist, local / "density.png",
                                             title=f"{row['trial']}: dictionary {row['dict_size']}")
                     kept.append(local / "density.png")
-        history = reported_history(trial)
+        history = reported_history(Path(trial.local_path))
         if history:
             title = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
             plots.training_curves(history, local / "curves.png", title=f"{row['trial']}: {title}")

@@ -14,6 +14,7 @@ csc.sweep.outcomes writes those files, tracker or not; csc.sweep.tracking.mlflow
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +27,17 @@ from csc.activations.source import SPLITS, Activations
 from csc.errors import CscError
 from csc.pipeline.absorption import SAE_FIGURES
 from csc.sweep import report
+from csc.sweep.cluster import check_cluster
 from csc.sweep.outcomes import CONFIGS_FILE, TRIALS_FILE, TrialRecords, error_reason, trial_name
 from csc.sweep.producer import NAMESPACE, pool_stats, start_pool
 from csc.sweep.reported import EVAL_PREFIX
 from csc.sweep.scheduler import scheduler
-from csc.sweep.search import searcher
+from csc.sweep.search import searcher, table_columns
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker, tracker_for
 from csc.sweep.tracking.mlflow import check_server, tracking_of
 from csc.sweep.trial import run_trial
-from csc.sweep.ui import default_tracking, sqlite_path
+from csc.sweep.ui import default_tracking, runs_page_url, sqlite_path, sweep_view
 
 STATE_FILE = "csc_sweep.json"
 
@@ -52,6 +54,29 @@ class SweepResult:
     interrupted: bool
 
 
+class _GoneCheckpoint(logging.Filter):
+    """Tune, restored after a killed driver, deletes the checkpoints its saved state lists beyond
+    CheckpointConfig.num_to_keep; one deleted before the kill is gone, and Tune logs the FileNotFoundError with a
+    traceback ("Error handling checkpoint"). Nothing is lost (the new checkpoint is registered before the deletion
+    fails): one line says so instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, FileNotFoundError) or \
+                not str(record.msg).startswith("Trial %s: Error handling checkpoint"):
+            return True
+        print(f"csc: {record.args[0]}: an old checkpoint Tune meant to delete was already gone (deleted before the "
+              f"driver stopped): {error.filename or error}; its newer checkpoints are kept", flush=True)
+        return False
+
+
+def quiet_gone_checkpoints() -> None:
+    """Install _GoneCheckpoint on Tune's controller logger (once per process)."""
+    controller = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _GoneCheckpoint) for f in controller.filters):
+        controller.addFilter(_GoneCheckpoint())
+
+
 def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dict[str, str],
            tracker: Tracker | None, state: dict[str, Any] | None, verbose: int, address: str | None):
     """Ray, the producer's replicas and the Tuner (new, or restored from the sweep folder)."""
@@ -59,6 +84,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
     (sweep_dir / STATE_FILE).write_text(json.dumps({"spec": json.loads(spec_json), **ids}, indent=1))
     # Trials checkpoint more often than Tune expects of num_to_keep=2; the snapshots that forces are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    quiet_gone_checkpoints()
     if not ray.is_initialized():
         # An address (--address or RAY_ADDRESS, resolved by run_sweep) joins a cluster. Else a local one starts:
         # "local", because address=None would join whatever cluster `ray start` last recorded, dead or not.
@@ -106,6 +132,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
         # already (~7 s per trial on 2 cores); trials share no state but the global RNG, which Trainer seeds.
         tuner = tune.Tuner(
             trainable,
+            param_space=table_columns(spec),
             tune_config=tune.TuneConfig(search_alg=searcher(spec), scheduler=scheduler(spec, sweep_dir),
                                         num_samples=spec.n_trials,
                                         max_concurrent_trials=spec.sweep.max_concurrent, reuse_actors=True,
@@ -167,6 +194,8 @@ def dry_run(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, addr
     sweep_dir = (out / name).resolve()
     state = _sweep_state(spec, sweep_dir, resume)
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_cluster(address)
     acts = _preflight(spec, local=not address)
     uri, _ = tracking_of(spec) if state is None else (state.get("tracking_uri"), None)
     if uri is not None and uri.startswith(("http://", "https://")):
@@ -220,6 +249,8 @@ def run_sweep(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, ve
     spec_json = spec.model_dump_json()
     state = _sweep_state(spec, sweep_dir, resume)
     address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets it
+    if address and not ray.is_initialized():
+        check_cluster(address)
     _preflight(spec, local=not address)
 
     tracker = tracker_for(spec, state) if tracked or state is not None else None
@@ -295,5 +326,6 @@ def sweep_summary(sweep_dir: Path) -> str:
     uri = state["tracking_uri"]
     ui = "csc ui" if uri == default_tracking()[0] else f"csc ui --uri {uri}"
     lines.append(f"MLflow: experiment {state['experiment_id']}, parent run {state['parent_run_id']}; "
-                 f"open it with: {ui}")
+                 f"open it with: {ui}; the sweep's view of the runs table (outcomes, searched values, figures): "
+                 f"{runs_page_url('', state['experiment_id'], view=sweep_view(sweep_dir.name)).lstrip('/')}")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -79,6 +80,11 @@ class ConfigSearch(OptunaSearch):
         config.trials[trial_id] = None
         return config.params if self._seeds is None else {**config.params, SEED: self._seeds[len(config.trials) - 1]}
 
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        """Accept Tune's param_space: it only names the columns of Tune's progress table (table_columns); the space
+        is this searcher's own, and every suggestion replaces each of those placeholders."""
+        return True
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Nothing: Optuna is told a configuration's outcome once, when its trials have ended."""
 
@@ -100,6 +106,14 @@ class ConfigSearch(OptunaSearch):
             state, values = TrialState.COMPLETE, [statistics.fmean(v) for v in zip(*outcomes)]
         self._ot_study.tell(self._ot_trials[key], values, state=state)
         self._completed_trials.add(key)
+
+
+def table_columns(spec: SweepSpec) -> dict[str, Any]:
+    """The Tuner's param_space: Tune's progress table shows a trial's value of each key whose param_space value is a
+    Tune search domain, and of no other. ConfigSearch samples, so these are placeholders, one per key its suggestions
+    carry (the searched fields, and the seed with sweep.seeds > 1), each replaced by the suggestion's value."""
+    keys = [*spec.sweep.search, *([SEED] if spec.sweep.seeds > 1 else [])]
+    return {key: tune.choice([None]) for key in keys}
 
 
 def searcher(spec: SweepSpec) -> ConfigSearch:

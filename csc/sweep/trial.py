@@ -40,6 +40,13 @@ from csc.sweep.spec import SweepSpec
 
 DENSITY_FILE = "density.json"
 """A finished trial's feature-density histogram on held-out tokens, in its final checkpoint."""
+SINCE = "since_step"
+"""In every report: the step of the checkpoint the trial's process started from (0: from the start), so that the
+tracker can tell a branch the SAE left (steps logged past it by an earlier process) from a repeated report."""
+RESOLVED = "resolved"
+"""In every report: what the trial settled where it runs, as JSON (a string, so no tracker takes it for a metric):
+sae.d_in (the LM's width), trainer.device and trainer.autocast as used ("auto" and "bf16" in the spec)."""
+RESOLVED_FIELDS = ("sae.d_in", "trainer.device", "trainer.autocast")
 TABLE_FIRST = ("loss", "ev", "l0", "mse")
 """The metrics Tune's terminal table shows (it takes the first four of a trial's report)."""
 
@@ -48,8 +55,10 @@ class TuneReport(Hook):
     """Every report but the last goes to Tune (the last waits for the held-out figures); every
     `checkpoint_every` steps with a checkpoint."""
 
-    def __init__(self, spec: TrainRunSpec, scale: float, node_id: str):
-        self.spec, self.scale, self.node_id = spec, scale, node_id
+    def __init__(self, spec: TrainRunSpec, scale: float, node_id: str, since: int, trainer: Trainer):
+        self.spec, self.scale, self.node_id, self.since = spec, scale, node_id, since
+        self.resolved = json.dumps(dict(zip(RESOLVED_FIELDS, (trainer.model.cfg.d_in, str(trainer.device),
+                                                              "bf16" if trainer.use_bf16 else "fp32"))))
 
     def on_report(self, trainer: Trainer, report: Metrics) -> None:
         if not trainer.done:
@@ -59,7 +68,8 @@ class TuneReport(Hook):
     def tag(self, report: Metrics) -> dict[str, Any]:
         # Tune's progress table shows a trial's first four metrics: these first
         first = {k: report[k] for k in TABLE_FIRST if k in report}
-        return {**first, **report, "node_id": self.node_id}  # node_id: Tune's node_ip is one per machine
+        # node_id: Tune's node_ip is one per machine
+        return {**first, **report, "node_id": self.node_id, SINCE: self.since, RESOLVED: self.resolved}
 
 
 def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: int) -> None:
@@ -83,7 +93,8 @@ def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivat
             trainer = load_checkpoint(Path(d))
     else:
         trainer = Trainer(sae_cfg, spec.trainer)
-    hook = TuneReport(spec, acts.scale, ray.get_runtime_context().get_node_id())
+    hook = TuneReport(spec, acts.scale, ray.get_runtime_context().get_node_id(), trainer.step if restored else 0,
+                      trainer)
     # A trial restored from its final checkpoint (the driver died before Tune recorded it as done) trains no
     # step: its final report carries the checkpoint's last report, so it has what Optuna and ASHA read.
     if not trainer.done:

@@ -51,9 +51,20 @@ def check_store(uri: str) -> None:
                        f"working directory), or give --uri sqlite:///PATH/mlflow.db")
 
 
-def runs_page_url(server_url: str, experiment_id: str, flat: bool = False) -> str:
-    """The runs table of an experiment. flat=True lists child runs as rows instead of under their parent."""
-    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs" + (FLAT_QUERY if flat else "")
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+"""MLflow 3's shared views of the runs table: an experiment tag per view, opened by the page's viewStateShareKey."""
+
+
+def sweep_view(sweep: str) -> str:
+    """The name of a sweep's view of its experiment's runs table (csc.sweep.tracking.mlflow writes it)."""
+    return f"csc-{sweep}"
+
+
+def runs_page_url(server_url: str, experiment_id: str, flat: bool = False, view: str | None = None) -> str:
+    """The runs table of an experiment. flat=True lists child runs as rows instead of under their parent;
+    `view`: a shared view of the table (sweep_view of a sweep: its trials, outcomes and figures)."""
+    page = f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return page + (f"?viewStateShareKey={view}" if view else FLAT_QUERY if flat else "")
 
 
 def free_port(port: int = 0) -> int:
@@ -98,8 +109,12 @@ class MlflowServer:
     """`mlflow server` on 127.0.0.1 for a tracking store, as a context manager (`.url` answers inside it)."""
 
     def __init__(self, backend_store_uri: str, artifact_root: str | None = None, port: int | None = None,
-                 start_timeout: float = 120.0, grace: float = 10.0):
+                 start_timeout: float = 120.0, grace: float = 10.0, app_name: str | None = None,
+                 env: dict[str, str] | None = None):
+        """`app_name`: mlflow server's --app-name (e.g. "basic-auth"); `env`: added to the server's environment
+        (e.g. MLFLOW_AUTH_CONFIG_PATH)."""
         self.backend_store_uri, self.artifact_root = backend_store_uri, artifact_root
+        self.app_name, self.extra_env = app_name, env or {}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start_timeout, self.grace = start_timeout, grace
@@ -122,7 +137,9 @@ class MlflowServer:
                "--workers", "1"]
         if self.artifact_root:
             cmd += ["--default-artifact-root", self.artifact_root]
-        env = {**os.environ,
+        if self.app_name:
+            cmd += ["--app-name", self.app_name]
+        env = {**os.environ, **self.extra_env,
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # else 3.x starts a job runner beside the UI
                "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"}
         fd, log = tempfile.mkstemp(prefix="csc-mlflow-server-", suffix=".log")
@@ -213,9 +230,10 @@ def _run_chromium(args: list[str], wait_ms: int) -> str:
     return out
 
 
-def render_page(url: str, wait_ms: int = 15000) -> str:
-    """The DOM of a page after headless Chromium ran its scripts for wait_ms of (virtual) time."""
-    return _run_chromium(["--dump-dom", url], wait_ms)
+def render_page(url: str, wait_ms: int = 15000, size: tuple[int, int] = (1600, 900)) -> str:
+    """The DOM of a page after headless Chromium ran its scripts for wait_ms of (virtual) time, in a window of
+    `size` (a table draws only the columns that fit)."""
+    return _run_chromium([f"--window-size={size[0]},{size[1]}", "--dump-dom", url], wait_ms)
 
 
 def screenshot(url: str, path_png: str | Path, wait_ms: int = 15000, size: tuple[int, int] = (1600, 900)) -> Path:

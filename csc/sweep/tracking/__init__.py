@@ -33,16 +33,26 @@ class Tracker(Protocol):
         sections, each field once) and tags, or reopen it if a previous run of the sweep made it. Called once per
         trial and driver process, before any other call about that trial."""
 
-    def log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
-        """One report of the trial at training step `step`; a step already recorded is not recorded again
-        (a resumed or retried trial reports again the steps since its last checkpoint)."""
+    def log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str],
+                    since: int = 0) -> None:
+        """One report of the trial at training step `step`; `since`: the step of the checkpoint the trial's
+        process started from (0: from the start). A resumed or retried trial reports again the steps it trains
+        again from its checkpoint: one already recorded with the same value is not recorded twice; one with
+        another value means the steps recorded after `since` belong to a branch the SAE did not continue, and they
+        leave the record's history."""
+
+    def trial_resolved(self, key: str, params: dict[str, Any]) -> None:
+        """Fields the trial settled where it runs (dotted names: sae.d_in, trainer.device, trainer.autocast as
+        used), from its first report: recorded with its params, once."""
 
     def trial_retried(self, key: str, tags: dict[str, str]) -> None:
         """Tune retries the trial from its last checkpoint after a failure: the same record goes on."""
 
-    def trial_finished(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path]) -> None:
-        """The trial ended: outcome finished, stopped_early or failed; `artifacts`: files and folders to
-        keep with it, each under its own name."""
+    def trial_finished(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path],
+                       step: int) -> None:
+        """The trial ended at training step `step`: outcome finished, stopped_early or failed; `artifacts`: files
+        and folders to keep with it, each under its own name. Steps recorded after `step` (by a run of the
+        trial before a resume) leave the record's history."""
 
     def sweep_artifacts(self, paths: list[Path]) -> None:
         """The sweep's reports: the trials' last record, after which whatever the tracker still holds is

@@ -4,19 +4,23 @@ call of csc.sweep is in this module (mlflow itself is imported only when a call 
 The parent run holds the spec as params, the sweep's reports as artifacts and, at the end, the producer's
 counters as metrics. A child run holds the trial's resolved sae/trainer fields and its searched values as
 params, every report as metrics (step = training step), and at the end: status FINISHED (trained all
-steps), KILLED with tag csc.outcome = stopped_early and the reason in csc.stop_reason (the scheduler
+steps) or FINISHED with tag csc.outcome = stopped_early and the reason in csc.stop_reason (the scheduler
 stopped it), or FAILED with the error's line in csc.failure_reason; its artifacts are the ones outcomes
 kept (sae/, eval.json, dashboard.html, curves.png; error.txt). If MLflow fails, calls wait in an ordered backlog until it
 answers again (see `_do`). Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
 and never logs a step twice; a trial that Tune retries after a failure keeps its run. A run whose trial Tune
-never saved (the driver died just after starting it) is deleted when that trial's name is used again.
+never saved (the driver died just after starting it) is deleted when that trial's name is used again. A trial that
+goes back to a checkpoint older than its last logged step gets a new run with the history before that checkpoint, so
+a run always holds the history of the SAE it ends with (`_rewind`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from typing import Any
 from csc.errors import CscError
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker
-from csc.sweep.ui import default_tracking
+from csc.sweep.ui import SHARED_VIEW_TAG, default_tracking, sweep_view
 
 UNSENT_FILE = "mlflow_unsent.json"
 END_WAIT_S = 60
@@ -34,6 +38,8 @@ STATUS = {"finished": "FINISHED", "stopped_early": "FINISHED", "interrupted": "K
 STEP_METRIC = "loss"
 """A metric of every report: its history says which steps a reopened run already has."""
 TAG_CHARS = 5000
+VIEW_COLUMNS = ("ev", "l0", "eval/explained_variance", "eval/delta_ce")
+"""Metrics the sweep's view of the runs table shows (with the objectives, the searched values and the outcome)."""
 EXPERIMENT_KIND = "mlflow.experimentKind"
 """The experiment tag that picks the MLflow UI's view (3.x): an untagged experiment may open in the GenAI one."""
 
@@ -47,16 +53,34 @@ def tracking_of(spec: SweepSpec) -> tuple[str, str | None]:
 
 
 def check_server(uri: str) -> None:
-    """Fail in seconds, before any compute: MLflow's client would retry an absent server for minutes."""
+    """Fail in seconds, before any compute: MLflow's client would retry an absent server for minutes, and a server
+    that refuses this driver's credentials (MLflow's basic-auth app) would fail the sweep at its first record."""
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
-            if r.status == 200:
-                return
-            reason = f"HTTP {r.status}"
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+            healthy, reason = r.status == 200, f"HTTP {r.status}"
     except (OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", e))
-    raise CscError(f"sweep.tracking.uri {uri}: no MLflow server answers there ({reason}); start one "
-                   f"(`csc ui --uri sqlite:///mlflow.db`, or deploy/mlflow) or fix the URI")
+        healthy, reason = False, str(getattr(e, "reason", e))
+    if not healthy:
+        raise CscError(f"sweep.tracking.uri {uri}: no MLflow server answers there ({reason}); start one "
+                       f"(`csc ui --uri sqlite:///mlflow.db`, or deploy/mlflow) or fix the URI")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+    if user is not None and password is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            given = ("the credentials given (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD) are not a user of it"
+                     if user is not None and password is not None else
+                     "none were given: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not both set")
+            raise CscError(f"sweep.tracking.uri {uri}: the MLflow server refused this driver (HTTP {e.code}, MLflow "
+                           f"authentication: {given}); export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                           f"of a user who may create runs there") from None
+        # any other answer (404: no experiment "Default") came from past the authentication
+    except (OSError, ValueError):
+        pass  # /health answered: what fails now fails again, with MLflow's own message, at the first call
 
 
 def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -86,6 +110,8 @@ class MlflowTracker(Tracker):
         self._names: dict[str, str] = {}
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
+        self._half_made: dict[str, str] = {}
+        self._values: dict[str, dict[int, float]] = {}
         self._backlog: list[tuple[str, Any, tuple]] = []
         self._down = False
 
@@ -100,7 +126,7 @@ class MlflowTracker(Tracker):
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment; run ids are looked up again
         return {**{k: v for k, v in self.__dict__.items() if k != "_mlflow"}, "_names": {}, "_runs": {},
-                "_last_step": {}, "_backlog": [], "_down": False}
+                "_last_step": {}, "_half_made": {}, "_values": {}, "_backlog": [], "_down": False}
 
     @property
     def client(self):
@@ -140,6 +166,7 @@ class MlflowTracker(Tracker):
         except Exception as e:  # MLflow raises many kinds (connection, SQL, REST): all mean the same to the user
             raise CscError(f"sweep.tracking: cannot use MLflow at {self.uri}: "
                            f"{str(e).strip().splitlines()[0]}") from None
+        self._do("the sweep's view of the runs table", self._set_view, name, spec)
         if resume is None:
             params = flat_params(spec.model_dump(exclude={"sweep"}))
             params.update(flat_params(spec.sweep.model_dump(exclude={"search", "points_to_evaluate"}), "sweep."))
@@ -150,6 +177,17 @@ class MlflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         return {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id}
+
+    def _set_view(self, name: str, spec: SweepSpec) -> None:
+        """The sweep's view of the MLflow runs table (runs_page_url's `view`): trials as rows, by name, with their
+        outcome, the searched values and the figures that compare them. MLflow keeps a shared view as an
+        experiment tag; the UI opens it from the page's viewStateShareKey."""
+        metrics = dict.fromkeys([*VIEW_COLUMNS, *(o.metric for o in spec.sweep.objectives)])
+        columns = ["tags.`csc.outcome`", *(f"params.`{k}`" for k in spec.sweep.search),
+                   *(f"metrics.`{m}`" for m in metrics)]
+        state = {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "tags.`mlflow.runName`",
+                 "orderByAsc": True}
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + sweep_view(name), json.dumps(state))
 
     def sweep_artifacts(self, paths: list[Path]) -> None:
         for path in paths:
@@ -186,15 +224,25 @@ class MlflowTracker(Tracker):
         self._names[key] = name
         self._do(f"start of {name}", self._open_run, key, name, flat_params(params), tags)
 
-    def log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
-        self._do(f"report of {self._names[key]}", self._log_metrics, key, step, metrics, tags)
+    def log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str],
+                    since: int = 0) -> None:
+        self._do(f"report of {self._names[key]}", self._log_metrics, key, step, metrics, tags, since)
+
+    def trial_resolved(self, key: str, params: dict[str, Any]) -> None:
+        self._do(f"resolved fields of {self._names[key]}", self._log_resolved, key, params)
+
+    def _log_resolved(self, key: str, params: dict[str, Any]) -> None:
+        run_id = self._runs[key]
+        have = self.client.get_run(run_id).data.params  # a resumed run has them: MLflow refuses a changed param
+        self._log_params(run_id, {k: v for k, v in flat_params(params).items() if k not in have})
 
     def trial_retried(self, key: str, tags: dict[str, str]) -> None:
         self._do(f"retry of {self._names[key]}", self._set_tags, key, tags)
 
-    def trial_finished(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path]) -> None:
+    def trial_finished(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path],
+                       step: int) -> None:
         what = "failure of" if outcome == "failed" else "end of"
-        self._do(f"{what} {self._names[key]}", self._finish, key, outcome, tags, artifacts)
+        self._do(f"{what} {self._names[key]}", self._finish, key, outcome, tags, artifacts, step)
 
     def _open_run(self, key: str, name: str, params: dict[str, str], tags: dict[str, str]) -> None:
         """The trial's run: the one a previous run of the sweep made (its steps are not logged again), else
@@ -232,21 +280,72 @@ class MlflowTracker(Tracker):
                   f"never saved its trial; the trial runs again in a new run, and that run is deleted "
                   f"(`mlflow runs restore --run-id {run.info.run_id}` brings it back)", flush=True)
 
-    def _log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    def _log_metrics(self, key: str, step: int, metrics: dict[str, float], tags: dict[str, str],
+                     since: int) -> None:
         from mlflow.entities import Metric
 
         run_id = self._runs[key]
+        if since < step <= self._last_step.get(run_id, 0) and self._logged(run_id).get(step) != metrics[STEP_METRIC]:
+            run_id = self._rewind(key, step - 1)  # trained again from `since`, to other values: a new branch
         if step <= self._last_step.get(run_id, 0):
-            return  # reported again after a resume: MLflow already has it
+            return  # reported again, as logged (trained again bit for bit, or restored from its final checkpoint)
+        self._logged(run_id)[step] = metrics[STEP_METRIC]
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()], tags=_tags(tags))
         self._last_step[run_id] = step
 
+    def _logged(self, run_id: str) -> dict[int, float]:
+        """The run's STEP_METRIC by step, read from MLflow once per driver process."""
+        if run_id not in self._values:
+            self._values[run_id] = {m.step: m.value for m in self.client.get_metric_history(run_id, STEP_METRIC)}
+        return self._values[run_id]
+
+    def _rewind(self, key: str, upto: int) -> str:
+        """The run's points after step `upto` belong to a branch the trial's SAE did not continue: it went back
+        to a checkpoint (after a killed driver or worker) and trained those steps again to other values (a GPU's
+        bf16), or it ended at `upto` (a scheduler stopped a resumed trial earlier than the first run of it got).
+        MLflow cannot delete metric points, so a new run takes the old one's params, tags and history up to `upto`,
+        and the old run is deleted (restorable) with tag csc.discarded_branch. Returns the new run."""
+        from mlflow.entities import Metric, Param
+
+        old = self.client.get_run(self._runs[key])
+        if half := self._half_made.pop(key, None):  # a rewind MLflow failed in the middle of
+            self.client.delete_run(half)
+        tags = {k: v for k, v in old.data.tags.items() if k == "mlflow.parentRunId" or not k.startswith("mlflow.")}
+        trial_id = tags.pop("csc.trial_id")  # set last: until then a resumed driver finds the old run, not this one
+        new = self.client.create_run(self.experiment_id, run_name=old.info.run_name, tags=tags).info.run_id
+        self._half_made[key] = new
+        params = [Param(k, v) for k, v in old.data.params.items()]
+        for s in range(0, len(params), 100):
+            self.client.log_batch(new, params=params[s:s + 100])
+        kept = [Metric(m.key, m.value, m.timestamp, m.step) for name in old.data.metrics
+                for m in self.client.get_metric_history(old.info.run_id, name) if m.step <= upto]
+        for s in range(0, len(kept), 1000):
+            self.client.log_batch(new, metrics=kept[s:s + 1000])
+        last = self._last_step.get(old.info.run_id, 0)
+        self.client.log_batch(new, tags=_tags({"csc.trial_id": trial_id, "csc.rewound": (
+            f"steps {upto + 1} to {last} of run {old.info.run_id} (deleted) were a branch this trial's SAE did not "
+            f"continue; its history up to step {upto} was copied from there")}))
+        if old.info.lifecycle_stage == "active":
+            self.client.set_tag(old.info.run_id, "csc.discarded_branch",
+                                f"steps {upto + 1} to {last} were a branch its trial left; its history is in run {new}")
+            self.client.delete_run(old.info.run_id)
+        del self._half_made[key]
+        print(f"csc: {old.info.run_name}: steps {upto + 1} to {last} of its MLflow run were a branch its SAE did not "
+              f"continue (it went back to a checkpoint when it restarted); its run is now {new}, with the SAE's own "
+              f"history (the old run is deleted: `mlflow runs restore --run-id {old.info.run_id}`)", flush=True)
+        self._runs[key] = new
+        self._last_step[new] = max((m.step for m in kept), default=0)
+        self._values[new] = {m.step: m.value for m in kept if m.key == STEP_METRIC}
+        return new
+
     def _set_tags(self, key: str, tags: dict[str, str]) -> None:
         self.client.log_batch(self._runs[key], tags=_tags(tags))
 
-    def _finish(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path]) -> None:
+    def _finish(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path], step: int) -> None:
         run_id = self._runs[key]
+        if step < self._last_step.get(run_id, 0):  # ended before steps an earlier run of it logged
+            run_id = self._rewind(key, step)
         for path in artifacts:
             self._log_artifact(run_id, path)
         self._set_tags(key, {"csc.outcome": outcome, **tags})
