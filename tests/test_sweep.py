@@ -1,15 +1,11 @@
 """End-to-end sweeps on the tiny model with real Ray (local) and real MLflow (SQLite): early stopping, a
 diverging trial recorded as FAILED while the sweep goes on, the parent/child runs and their contents, one
-LM run per shard, and an interrupted sweep resumed without duplicate trials or MLflow runs."""
+LM run per shard, the sweep's view of the MLflow runs table (tests/test_sweep_faults.py kills, interrupts and resumes
+sweeps)."""
 
-import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -221,66 +217,3 @@ def test_a_corpus_that_cannot_be_probed_fails_the_sweep_before_any_trial(in_tmp,
     assert main(["sweep", str(path), *overrides, "--out", str(in_tmp / "runs")]) == 2
     assert f"csc: error: {train_error.value}\n" in capsys.readouterr().err
     assert not list((in_tmp / "runs" / "tiny").glob("trial_*")), "no trial ran"
-
-
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
-    t0 = time.monotonic()
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"the sweep exited ({proc.returncode}) before {what}")
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(1)
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_resumes_without_duplicates(tmp_path, cache):
-    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 200, "log_every": 20}, checkpoint_every=40,
-                           num_samples=3, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
-    cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-    def n_ended() -> int:
-        try:
-            return sum(r.info.status in ("FINISHED", "KILLED") for r in client.search_runs(
-                ["1"], filter_string="tags.`csc.trial_id` != ''"))
-        except Exception:  # the store is not created yet
-            return 0
-
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for(lambda: n_ended() >= 1, 300, "a first trial finished", proc)
-        proc.send_signal(signal.SIGINT)  # what Ctrl+C does: Tune saves its state and stops
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
-    assert "the sweep was interrupted; continue it with" in out
-    # Tune's table shows the searched values and the trials' loss, EV and L0
-    assert re.search(r"Trial name +status +trainer\.beta +trainer\.lr +iter +total time \(s\) +loss +ev +l0 +mse",
-                     out), out[-3000:]
-    state = json.loads((tmp_path / "runs" / "tiny" / "csc_sweep.json").read_text())
-    before = child_runs(client, state["experiment_id"], state["parent_run_id"])
-    finished_before = {n: r.info.run_id for n, r in before.items() if r.info.status == "FINISHED"}
-    assert 1 <= len(finished_before) < 3
-    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
-
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    after = child_runs(client, state["experiment_id"], state["parent_run_id"])
-    assert sorted(after) == ["trial_01", "trial_02", "trial_03"]
-    assert len(client.search_runs([state["experiment_id"]])) == 4, "one parent and three children, no duplicates"
-    assert all(r.info.status == "FINISHED" for r in after.values())
-    for name, run_id in finished_before.items():
-        assert after[name].info.run_id == run_id
-    for run in after.values():
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == list(range(20, 201, 20)), f"{run.info.run_name}: every step once"
-    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
-    trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
-    assert sorted(r["trial"] for r in trials) == sorted(after)
-
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "holds a sweep: pass --resume to continue it" in again.stderr

@@ -1,11 +1,13 @@
 """Faults produced for real during a sweep (real Ray, real MLflow). The producer's process and a trial's
 worker process are killed mid-sweep: the producer is restarted and regenerates only what the disk cache
 lacks, the trial is retried from its last checkpoint in the same MLflow run, and the sweep completes with
-no trial lost or duplicated and every reported step logged once. The driver is killed outright: --resume
-finishes the sweep into the same MLflow runs."""
+no trial lost or duplicated and every reported step logged once. The driver is killed outright, then the
+resumed sweep is interrupted (Ctrl+C): --resume finishes the sweep into the same MLflow runs. The tracking server
+(behind MLflow's authentication) goes down mid-sweep and comes back: nothing is lost."""
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -42,6 +44,16 @@ def descendants(pid: int) -> list[int]:
         found += kids
         frontier = kids
     return found
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep exited ({proc.returncode}) before {what}")
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(1)
 
 
 def sweep_in_thread(spec: SweepSpec, name: str, out: Path) -> tuple[threading.Thread, dict]:
@@ -102,13 +114,17 @@ def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkey
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
-    """SIGKILL of `csc sweep` (its whole process group: the driver and the local Ray it started), then
-    `csc sweep --resume`: the sweep finishes into the same parent and child runs, none duplicated (a trial
-    started just before the kill, which Tune never saved, runs again in a new run; its old run is deleted)."""
-    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 500, "log_every": 50}, checkpoint_every=100,
-                           num_samples=3, max_concurrent=2, scheduler=None)  # long enough to be interrupted mid-way
-    cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "0"]
+def test_a_sweep_killed_then_interrupted_resumes_into_the_same_runs(tmp_path, cache):
+    """SIGKILL of `csc sweep` (its whole process group: the driver and the local Ray it started, as on a lost
+    machine), `--resume`, Ctrl+C (SIGINT) in the middle of that, and `--resume` again: the sweep finishes into the
+    same parent and child runs, none duplicated, each step logged once. A trial started just before the kill, which
+    Tune never saved, runs again in a new run (its old run is deleted); one that had logged steps past its last
+    checkpoint trains them again, bit for bit here, into the same run. Tune's noise after a resume stays out of
+    sight, and its table shows the searched values and the trials' figures."""
+    spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 200, "log_every": 20}, checkpoint_every=40,
+                           num_samples=5, max_concurrent=2, scheduler=None)  # long enough to be stopped mid-way
+    cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def finished() -> int:
@@ -118,16 +134,13 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
         except Exception:  # the store is not created yet
             return 0
 
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while finished() < 1:
-            assert proc.poll() is None and time.monotonic() < deadline, "no trial finished"
-            time.sleep(1)
+        _wait_for(lambda: finished() >= 1, 300, "a first trial finished", proc)
     finally:
         started = descendants(proc.pid)  # the local Ray it started, wherever Ray put their sessions
-        os.killpg(proc.pid, signal.SIGKILL)  # no clean-up of any kind, as on a lost machine
+        os.killpg(proc.pid, signal.SIGKILL)  # no clean-up of any kind
         for pid in started:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -139,32 +152,50 @@ def test_killed_driver_resumes_into_the_same_mlflow_runs(tmp_path, cache):
             time.sleep(0.2)
         assert not _group_alive(proc.pid)
     state = json.loads((tmp_path / "runs" / "tiny" / "csc_sweep.json").read_text())
-    before = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    killed = child_runs(client, state["experiment_id"], state["parent_run_id"])
     assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # nobody could say otherwise
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                             start_new_session=True)
+    proc = subprocess.Popen(cmd + ["--resume"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        done_before = finished()
+        _wait_for(lambda: finished() > done_before, 300, "another trial finished", proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl+C does: Tune saves its state and stops
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "the sweep was interrupted; continue it with" in out, out[-5000:]
+    assert re.search(r"Trial name +status +trainer\.beta +trainer\.lr +iter +total time \(s\) +loss +ev +l0 +mse",
+                     out), out[-3000:]
+    interrupted = child_runs(client, state["experiment_id"], state["parent_run_id"])
+    assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-5000:]
+    for text in (out, resumed.stdout + resumed.stderr):
+        assert "Traceback" not in text, "Tune's noise after a resume stays out of sight"
     after = child_runs(client, state["experiment_id"], state["parent_run_id"])
-    assert sorted(after) == ["trial_01", "trial_02", "trial_03"]
-    assert len(client.search_runs([state["experiment_id"]])) == 4, "one parent and three children, no copies"
-    for name, run in before.items():
-        if run.info.status == "FINISHED":
-            assert after[name].info.run_id == run.info.run_id
-        elif after[name].info.run_id != run.info.run_id:
-            old = client.get_run(run.info.run_id)
-            assert old.info.lifecycle_stage == "deleted"
-            if "csc.lost" in old.data.tags:  # started just before the kill, before Tune saved it
-                assert f"{name}: MLflow run {run.info.run_id} was started just before the driver died" in resumed.stdout
-            else:  # it had logged steps past the checkpoint it went on from: they left its run's history
-                assert "csc.discarded_branch" in old.data.tags and "csc.rewound" in after[name].data.tags
-                assert f"csc: {name}: steps " in resumed.stdout and "were a branch its SAE did not" in resumed.stdout
-    assert "Traceback" not in resumed.stdout + resumed.stderr, "Tune's noise after a resume stays out of sight"
+    assert sorted(after) == [f"trial_{i:02d}" for i in range(1, 6)]
+    assert len(client.search_runs([state["experiment_id"]])) == 6, "one parent and five children, no copies"
     assert all(r.info.status == "FINISHED" for r in after.values())
+    for before in (killed, interrupted):
+        for name, run in before.items():
+            if run.info.status == "FINISHED" or run.info.run_id == after[name].info.run_id:
+                assert after[name].info.run_id == run.info.run_id, name
+                continue
+            old = client.get_run(run.info.run_id)
+            assert old.info.lifecycle_stage == "deleted" and "csc.lost" in old.data.tags, name
+            assert f"{name}: MLflow run {run.info.run_id} was started just before the driver died" in out
     for run in after.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == list(range(50, 501, 50)), f"{run.info.run_name}: every step once"
+        assert steps == list(range(20, 201, 20)), f"{run.info.run_name}: every step once"
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+    trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
+    assert sorted(r["trial"] for r in trials) == sorted(after)
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "holds a sweep: pass --resume to continue it" in again.stderr
 
 
 @pytest.mark.slow

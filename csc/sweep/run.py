@@ -126,7 +126,8 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
         tune.with_parameters(run_trial, spec_json=spec_json, sweep=name, threads=max(1, round(res.trial_cpus))),
         {"cpu": res.trial_cpus, "gpu": res.trial_gpus, **res.trial_custom})
     if state is not None:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False,
+                                   param_space=table_columns(spec))
     else:
         # reuse_actors: the next trial runs in a finished trial's process, which has imported torch and csc
         # already (~7 s per trial on 2 cores); trials share no state but the global RNG, which Trainer seeds.
