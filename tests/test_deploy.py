@@ -375,6 +375,36 @@ def test_mlflow_server_command_parses_with_the_installed_mlflow():
         server.make_context("server", args + ["--serve-artefacts"])
 
 
+def test_mlflow_runs_its_basic_auth_app_with_credentials_from_secrets(raycluster, rayjob):
+    """Every request but /health needs a user: the app, its config file and the admin's password from the Secret
+    mlflow-auth; the sweep's driver (on any Ray pod) authenticates with the Secret mlflow-csc-user."""
+    import flask_wtf
+    from mlflow.cli import server
+
+    deployment = doc(DEPLOY / "mlflow" / "mlflow.yaml", "Deployment")
+    c = _container(deployment)
+    args = [re.sub(r"\$\((\w+)\)", "x", a) for a in c["args"]]
+    assert server.make_context("server", args).params["app_name"] == "basic-auth"
+    assert f"Flask-WTF=={flask_wtf.__version__}" in (DEPLOY / "mlflow" / "Dockerfile").read_text()
+    env = {e["name"]: e for e in c["env"]}
+    for name, key in [("MLFLOW_AUTH_ADMIN_PASSWORD", "admin-password"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")]:
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key}
+    (mount,) = c["volumeMounts"]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "mlflow-auth" and mount["readOnly"]
+    (item,) = volume["secret"]["items"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount['mountPath']}/{item['path']}"
+    assert item["key"] == "basic_auth.ini"
+    for kind, cluster in [("RayCluster", raycluster["spec"]), ("RayJob", rayjob["spec"]["rayClusterSpec"])]:
+        pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in pods:
+            (ray_container,) = group["template"]["spec"]["containers"]
+            ray_env = {e["name"]: e for e in ray_container["env"]}
+            for name, key in [("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")]:
+                assert ray_env[name]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-csc-user", "key": key}, kind
+
+
 def test_postgres_matches_the_mlflow_backend_uri():
     sts = doc(DEPLOY / "mlflow" / "postgres.yaml", "StatefulSet")
     svc = doc(DEPLOY / "mlflow" / "postgres.yaml", "Service")

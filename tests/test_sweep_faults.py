@@ -5,6 +5,7 @@ no trial lost or duplicated and every reported step logged once. The driver is k
 resumed sweep is interrupted (Ctrl+C): --resume finishes the sweep into the same MLflow runs. The tracking server
 (behind MLflow's authentication) goes down mid-sweep and comes back: nothing is lost."""
 
+import base64
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -200,16 +202,16 @@ def test_a_sweep_killed_then_interrupted_resumes_into_the_same_runs(tmp_path, ca
 
 @pytest.mark.slow
 def test_mlflow_server_behind_authentication_and_down_mid_sweep(tmp_path, cache, monkeypatch, capfd):
-    """A sweep tracked by a real `mlflow server` over HTTP, behind MLflow's basic-auth app (credentials made by the
-    test, as deploy/mlflow's Secret holds them). Without them, or with a wrong password, the sweep is refused in
-    seconds, naming MLflow authentication; with them it runs, and they appear in no param, tag, artifact, file or
-    output. The server is stopped while trials train and started again on the same stores: training never waits
+    """A sweep tracked by a real `mlflow server` over HTTP, behind MLflow's basic-auth app, set up as deploy/README.md
+    sets it up: every user may read, the admin makes the sweeps' own user through the REST API. Without that user's
+    credentials, or with a wrong password, the sweep is refused in seconds, naming MLflow authentication; with them
+    it runs (the user makes its experiment), and no password appears in any param, tag, artifact, file or output. The server is stopped while trials train and started again on the same stores: training never waits
     for it, and every record made meanwhile reaches MLflow once it answers."""
     monkeypatch.chdir(tmp_path)
-    password = secrets.token_urlsafe(24)
+    admin_password, password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     (tmp_path / "auth.ini").write_text(
-        f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
-        f"admin_username = csc-admin\nadmin_password = {password}\n"
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        f"admin_username = admin\nadmin_password = {admin_password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         # else every request hashes the password again (PBKDF2): 15 s more of this test
         "auth_cache_ttl_seconds = 60\n")
@@ -237,10 +239,15 @@ def test_mlflow_server_behind_authentication_and_down_mid_sweep(tmp_path, cache,
 
     server = MlflowServer(store, root, port=port, **auth)
     server.start()
+    make_user = urllib.request.Request(  # deploy/README.md's curl
+        f"{server.url}/api/2.0/mlflow/users/create", json.dumps({"username": "csc", "password": password}).encode(),
+        {"Content-Type": "application/json",
+         "Authorization": "Basic " + base64.b64encode(f"admin:{admin_password}".encode()).decode()})
+    urllib.request.urlopen(make_user, timeout=30).close()
     ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False)
     try:
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "csc-admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "csc")
         for given, wrong in [("none were given", None), ("the credentials given", "not-" + password)]:
             if wrong is not None:
                 monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", wrong)
@@ -288,8 +295,9 @@ def test_mlflow_server_behind_authentication_and_down_mid_sweep(tmp_path, cache,
     assert not (tmp_path / "runs" / "outage" / "mlflow_unsent.json").exists()
     assert "mlflow.sharedViewState.csc-outage" in experiment.tags  # the sweep's view of the runs table, over HTTP
     assert not (tmp_path / "mlflow.db").exists(), "nothing went to the default store"
-    assert password not in printed
-    for run in [parent, *runs.values()]:
-        assert not any(password in v for v in [*run.data.params.values(), *run.data.tags.values()])
-    for path in [*(tmp_path / "runs").rglob("*"), *(tmp_path / "server-artifacts").rglob("*")]:
-        assert not path.is_file() or password.encode() not in path.read_bytes(), path
+    for secret in (password, admin_password):
+        assert secret not in printed
+        for run in [parent, *runs.values()]:
+            assert not any(secret in v for v in [*run.data.params.values(), *run.data.tags.values()])
+        for path in [*(tmp_path / "runs").rglob("*"), *(tmp_path / "server-artifacts").rglob("*")]:
+            assert not path.is_file() or secret.encode() not in path.read_bytes(), path
