@@ -375,6 +375,15 @@ def test_mlflow_server_command_parses_with_the_installed_mlflow():
         server.make_context("server", args + ["--serve-artefacts"])
 
 
+def test_both_kuberay_clusters_use_rays_token_authentication(raycluster, rayjob):
+    for spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        assert spec["authOptions"] == {"mode": "token"}
+    broken = copy.deepcopy(raycluster)
+    broken["spec"]["authOptions"] = {"mode": "tokens"}
+    with pytest.raises(jsonschema.ValidationError):  # the schema knows the field (KubeRay 1.5.1's CRD)
+        kuberay_validator("RayCluster").validate(broken)
+
+
 def test_mlflow_runs_its_basic_auth_app_with_credentials_from_secrets(raycluster, rayjob):
     """Every request but /health needs a user: the app, its config file and the admin's password from the Secret
     mlflow-auth; the sweep's driver (on any Ray pod) authenticates with the Secret mlflow-csc-user."""
