@@ -68,7 +68,7 @@ def test_every_yaml_under_deploy_parses_and_is_covered():
     paths = sorted(DEPLOY.rglob("*.yaml"))
     assert {p.relative_to(DEPLOY).as_posix() for p in paths} >= {
         "ray-cluster.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/shared-pvc.yaml",
-        "mlflow/namespace.yaml", "mlflow/postgres.yaml", "mlflow/mlflow.yaml"}
+        "mlflow/namespace.yaml", "mlflow/postgres.yaml", "mlflow/mlflow.yaml", "network-policies.yaml"}
     for p in paths:
         parsed = docs(p)
         assert parsed, f"{p}: no YAML document"
@@ -136,7 +136,7 @@ def test_core_kubernetes_objects_validate_strictly():
         # SchemaNotFoundError (a kind this Kubernetes does not know) fails the test too.
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
         checked.append(d["kind"])
-    assert sorted(set(checked)) == ["Deployment", "Namespace", "PersistentVolumeClaim", "Service",
+    assert sorted(set(checked)) == ["Deployment", "Namespace", "NetworkPolicy", "PersistentVolumeClaim", "Service",
                                     "ServiceAccount", "StatefulSet"]
 
 
@@ -382,6 +382,38 @@ def test_both_kuberay_clusters_use_rays_token_authentication(raycluster, rayjob)
     broken["spec"]["authOptions"] = {"mode": "tokens"}
     with pytest.raises(jsonschema.ValidationError):  # the schema knows the field (KubeRay 1.5.1's CRD)
         kuberay_validator("RayCluster").validate(broken)
+
+
+def test_network_policies_admit_exactly_the_pods_that_talk(raycluster, rayjob):
+    """Each policy selects the pods of a manifest and admits, on the port that pod serves, only its clients:
+    PostgreSQL the MLflow server, MLflow the Ray pods, the Ray pods each other (and on the dashboard port a
+    RayJob's submitter and the KubeRay operator)."""
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs(DEPLOY / "network-policies.yaml")}
+    postgres = doc(DEPLOY / "mlflow" / "postgres.yaml", "StatefulSet")["spec"]["template"]
+    mlflow = doc(DEPLOY / "mlflow" / "mlflow.yaml", "Deployment")["spec"]["template"]
+    ray_pod = {"ray.io/is-ray-node": "yes"}  # KubeRay's label (ray-operator/controllers/ray/utils/constant.go)
+
+    def ports(template: dict[str, Any]) -> set[int]:
+        return {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+
+    def admitted(spec: dict[str, Any]) -> list[tuple[list[dict], set[int] | None]]:
+        return [(rule["from"], {p["port"] for p in rule["ports"]} if "ports" in rule else None)
+                for rule in spec["ingress"]]
+
+    assert all(spec["policyTypes"] == ["Ingress"] for spec in policies.values())
+    assert policies["postgres-from-mlflow"]["podSelector"]["matchLabels"] == postgres["metadata"]["labels"]
+    assert admitted(policies["postgres-from-mlflow"]) == [
+        ([{"podSelector": {"matchLabels": mlflow["metadata"]["labels"]}}], ports(postgres))]
+    assert policies["mlflow-from-ray"]["podSelector"]["matchLabels"] == mlflow["metadata"]["labels"]
+    assert admitted(policies["mlflow-from-ray"]) == [([{"podSelector": {"matchLabels": ray_pod}}], ports(mlflow))]
+    assert policies["ray-from-ray"]["podSelector"]["matchLabels"] == ray_pod
+    (among, _), (outside, dashboard) = admitted(policies["ray-from-ray"])
+    assert among == [{"podSelector": {"matchLabels": ray_pod}}] and _ is None
+    for spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+        assert dashboard == {p["containerPort"] for p in head["ports"] if p["name"] == "dashboard"}
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}} in outside
+    assert "-n kuberay-system" in " ".join((DEPLOY / "README.md").read_text().split()), "the operator's namespace"
 
 
 def test_mlflow_runs_its_basic_auth_app_with_credentials_from_secrets(raycluster, rayjob):
