@@ -375,6 +375,16 @@ def test_mlflow_server_command_parses_with_the_installed_mlflow():
         server.make_context("server", args + ["--serve-artefacts"])
 
 
+def test_the_cluster_launcher_uses_rays_token_authentication(cluster_config):
+    """Every container has RAY_AUTH_MODE=token and the token at the image user's default path, copied from the
+    launching machine's default path (outside the repository)."""
+    assert "-e RAY_AUTH_MODE=token" in cluster_config["docker"]["run_options"]
+    assert cluster_config["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert dockerfile.rstrip().splitlines()[-1] != "USER root" and "\nUSER ray\n" in dockerfile  # home /home/ray
+    assert not (DEPLOY.parent / ".ray").exists()
+
+
 def test_both_kuberay_clusters_use_rays_token_authentication(raycluster, rayjob):
     for spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
         assert spec["authOptions"] == {"mode": "token"}
