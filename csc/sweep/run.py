@@ -57,8 +57,9 @@ class SweepResult:
 class _GoneCheckpoint(logging.Filter):
     """Tune, restored after a killed driver, deletes the checkpoints its saved state lists beyond
     CheckpointConfig.num_to_keep; one deleted before the kill is gone, and Tune logs the FileNotFoundError with a
-    traceback ("Error handling checkpoint"). Nothing is lost (the new checkpoint is registered before the deletion
-    fails): one line says so instead."""
+    traceback ("Error handling checkpoint"). The new checkpoint is registered before the deletion fails; what the
+    failure skips (the trial's saved state and checkpoint index are refreshed) happens again at its next checkpoint.
+    One line says so instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None

@@ -9,9 +9,10 @@ stopped it), or FAILED with the error's line in csc.failure_reason; its artifact
 kept (sae/, eval.json, dashboard.html, curves.png; error.txt). If MLflow fails, calls wait in an ordered backlog until it
 answers again (see `_do`). Runs are found again by the tag csc.trial_id, so a resumed sweep reuses them
 and never logs a step twice; a trial that Tune retries after a failure keeps its run. A run whose trial Tune
-never saved (the driver died just after starting it) is deleted when that trial's name is used again. A trial that
-goes back to a checkpoint older than its last logged step gets a new run with the history before that checkpoint, so
-a run always holds the history of the SAE it ends with (`_rewind`).
+never saved (the driver died just after starting it) is deleted when that trial's name is used again. A trial whose
+steps, trained again from a checkpoint after a restart, come out otherwise, or that ends before steps an earlier run
+of it logged, gets a new run with the history up to there, so a run always holds the history of the SAE it ends
+with (`_rewind`).
 """
 
 from __future__ import annotations
