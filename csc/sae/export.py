@@ -65,6 +65,11 @@ class HookInfo:
         return f"blocks.{self.hook_layer}.hook_resid_post"
 
 
+def unfold_norm_scale(tensors: dict[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
+    """Weights that read raw activations (an export without the LayerNorm) -> weights that read s * x_raw."""
+    return {**tensors, "W_enc": tensors["W_enc"] / s, "W_dec": tensors["W_dec"] * s, "b_dec": tensors["b_dec"] * s}
+
+
 def save_sae(sae: SparseAutoencoder, path: str | Path, hook: HookInfo) -> dict[str, Any]:
     """Write `sae` (trained on activations scaled by hook.norm_scale) to `path`; returns the cfg.json dict.
     Files are written under temporary names and renamed, so a reader never sees half an export."""
@@ -133,8 +138,6 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SparseAutoencoder, 
         raise CacheError(f"{path / CFG_FILE}: normalize_activations {meta.get('normalize_activations')!r} does not "
                          f"match the SAE's layer_norm {cfg.layer_norm} (an export of an older csc: retrain it)")
     if not cfg.layer_norm:
-        tensors["W_enc"] = tensors["W_enc"] / s
-        tensors["W_dec"] = tensors["W_dec"] * s
-        tensors["b_dec"] = tensors["b_dec"] * s
+        tensors = unfold_norm_scale(tensors, s)
     sae = cls(cfg, device=device).load_tensors(tensors, str(path))
     return sae.eval(), meta

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from csc.errors import CacheError
 from csc.sae.archs import sae_class
 from csc.sae.config import parse_sae_config
-from csc.sae.export import CFG_FILE, WEIGHTS_FILE
+from csc.sae.export import CFG_FILE, WEIGHTS_FILE, unfold_norm_scale
 from csc.sae.model import SparseAutoencoder
 
 _HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(post|pre)")
@@ -130,7 +130,6 @@ def load_saelens_sae(folder: SaelensFolder, norm_scale: float, device: str = "cp
     if not folder.b_dec_in_encoder:
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
     if not cfg.layer_norm:
-        s = norm_scale
-        t["W_enc"], t["W_dec"], t["b_dec"] = t["W_enc"] / s, t["W_dec"] * s, t["b_dec"] * s
+        t = unfold_norm_scale(t, norm_scale)
     sae = sae_class(cfg.architecture)(cfg, device=device)
     return sae.load_tensors(sae_class(cfg.architecture).from_saelens(t), str(folder.path / WEIGHTS_FILE)).eval()

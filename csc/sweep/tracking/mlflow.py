@@ -110,9 +110,8 @@ class MlflowTracker(Tracker):
         self.parent_run_id: str | None = None
         self._names: dict[str, str] = {}
         self._runs: dict[str, str] = {}
-        self._last_step: dict[str, int] = {}
         self._half_made: dict[str, str] = {}
-        self._values: dict[str, dict[int, float]] = {}
+        self._logged: dict[str, dict[int, float]] = {}  # run id -> its STEP_METRIC by step, as MLflow has it
         self._backlog: list[tuple[str, Any, tuple]] = []
         self._down = False
 
@@ -127,7 +126,7 @@ class MlflowTracker(Tracker):
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment; run ids are looked up again
         return {**{k: v for k, v in self.__dict__.items() if k != "_mlflow"}, "_names": {}, "_runs": {},
-                "_last_step": {}, "_half_made": {}, "_values": {}, "_backlog": [], "_down": False}
+                "_half_made": {}, "_logged": {}, "_backlog": [], "_down": False}
 
     @property
     def client(self):
@@ -256,7 +255,7 @@ class MlflowTracker(Tracker):
         if found:
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, STEP_METRIC)
-            self._last_step[run_id] = max((m.step for m in history), default=0)
+            self._logged[run_id] = {m.step: m.value for m in history}
             self.client.update_run(run_id, status="RUNNING")
         else:
             self._delete_lost(name)
@@ -264,7 +263,7 @@ class MlflowTracker(Tracker):
                 **tags, "mlflow.parentRunId": self.parent_run_id, "csc.trial_id": key,
                 "csc.sweep_dir": self.sweep_dir}).info.run_id
             self._log_params(run_id, params)
-            self._last_step[run_id] = 0
+            self._logged[run_id] = {}
         self._runs[key] = run_id
 
     def _delete_lost(self, name: str) -> None:
@@ -286,20 +285,18 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         run_id = self._runs[key]
-        if since < step <= self._last_step.get(run_id, 0) and self._logged(run_id).get(step) != metrics[STEP_METRIC]:
+        logged = self._logged[run_id]
+        if since < step <= self._last_step(run_id) and logged.get(step) != metrics[STEP_METRIC]:
             run_id = self._rewind(key, step - 1)  # trained again from `since`, to other values: a new branch
-        if step <= self._last_step.get(run_id, 0):
+            logged = self._logged[run_id]
+        if step <= self._last_step(run_id):
             return  # reported again, as logged (trained again bit for bit, or restored from its final checkpoint)
-        self._logged(run_id)[step] = metrics[STEP_METRIC]
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()], tags=_tags(tags))
-        self._last_step[run_id] = step
+        logged[step] = metrics[STEP_METRIC]
 
-    def _logged(self, run_id: str) -> dict[int, float]:
-        """The run's STEP_METRIC by step, read from MLflow once per driver process."""
-        if run_id not in self._values:
-            self._values[run_id] = {m.step: m.value for m in self.client.get_metric_history(run_id, STEP_METRIC)}
-        return self._values[run_id]
+    def _last_step(self, run_id: str) -> int:
+        return max(self._logged[run_id], default=0)
 
     def _rewind(self, key: str, upto: int) -> str:
         """The run's points after step `upto` belong to a branch the trial's SAE did not continue: it went back
@@ -323,7 +320,7 @@ class MlflowTracker(Tracker):
                 for m in self.client.get_metric_history(old.info.run_id, name) if m.step <= upto]
         for s in range(0, len(kept), 1000):
             self.client.log_batch(new, metrics=kept[s:s + 1000])
-        last = self._last_step.get(old.info.run_id, 0)
+        last = self._last_step(old.info.run_id)
         self.client.log_batch(new, tags=_tags({"csc.trial_id": trial_id, "csc.rewound": (
             f"steps {upto + 1} to {last} of run {old.info.run_id} (deleted) were a branch this trial's SAE did not "
             f"continue; its history up to step {upto} was copied from there")}))
@@ -336,8 +333,7 @@ class MlflowTracker(Tracker):
               f"continue (it went back to a checkpoint when it restarted); its run is now {new}, with the SAE's own "
               f"history (the old run is deleted: `mlflow runs restore --run-id {old.info.run_id}`)", flush=True)
         self._runs[key] = new
-        self._last_step[new] = max((m.step for m in kept), default=0)
-        self._values[new] = {m.step: m.value for m in kept if m.key == STEP_METRIC}
+        self._logged[new] = {m.step: m.value for m in kept if m.key == STEP_METRIC}
         return new
 
     def _set_tags(self, key: str, tags: dict[str, str]) -> None:
@@ -345,7 +341,7 @@ class MlflowTracker(Tracker):
 
     def _finish(self, key: str, outcome: str, tags: dict[str, str], artifacts: list[Path], step: int) -> None:
         run_id = self._runs[key]
-        if step < self._last_step.get(run_id, 0):  # ended before steps an earlier run of it logged
+        if step < self._last_step(run_id):  # ended before steps an earlier run of it logged
             run_id = self._rewind(key, step)
         for path in artifacts:
             self._log_artifact(run_id, path)
