@@ -170,6 +170,11 @@ class EvalSpec(Spec):
 
     ce_contexts: int = Field(16, ge=1)
     """Held-out contexts over which CE/KL with the SAE spliced in are measured (3 full LM passes each)."""
+    rung_contexts: int = Field(32, ge=2)
+    """The held-out slice a sweep trial measures its SAE on at every report (csc.pipeline.rung: the `heldout/`
+    figures that the scheduler's rungs compare): the first this many held-out contexts (all of them if there are
+    fewer), no LM; at least 2, since held-out InfoNCE contrasts sequences. Its size is a measurement: bench/README.md section 10 gives the rank agreement with the whole
+    held-out set per size."""
     lm_batch_size: int = Field(8, ge=1)
     """Contexts per LM pass during CE/KL evaluation."""
     chunk_tokens: int = Field(128, ge=1)

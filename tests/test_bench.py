@@ -253,3 +253,74 @@ def test_contrastive_grid_computes_absorption_post_hoc_once(tmp_path, capsys, mo
     paired = [line.split("|") for line in table(out) if line.startswith("| 0.1 | True |")]
     want = cached["trial_02"]["figures"]["eval/absorption_full"] - cached["trial_00"]["figures"]["eval/absorption_full"]
     assert paired[-1][-4].strip() == f"{want:.3f} ± 0.000"
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_hypervolume_of_known_boxes():
+    hv = _bench_module("scheduler_replay").hypervolume
+    assert hv([[0.5, 0.5]], [1, 1]) == pytest.approx(0.25)
+    assert hv([[0.0, 0.5], [0.5, 0.0]], [1, 1]) == pytest.approx(0.75)
+    assert hv([[0.0, 0.0, 0.5], [0.5, 0.5, 0.0]], [1, 1, 1]) == pytest.approx(0.5 + 0.25 - 0.125)
+    assert hv([[0.2, 0.2, 0.2], [0.5, 0.5, 0.5], [2.0, 0.0, 0.0]], [1, 1, 1]) == pytest.approx(0.8 ** 3)
+
+
+def test_scheduler_replay_on_a_full_budget_sweep_folder(tmp_path):
+    """A sweep folder as a full-budget sweep leaves it, with synthetic curves: trial n's figures get better with n."""
+    import json
+
+    sweep = tmp_path / "grid"
+    objectives = [{"metric": "eval/delta_ce", "mode": "min"}, {"metric": "eval/l0", "mode": "min"}]
+    sweep.mkdir()
+    (sweep / "csc_sweep.json").write_text(json.dumps({"spec": {"sweep": {"objectives": objectives},
+                                                                 "trainer": {"steps": 40}}}))
+    for n in range(1, 7):
+        name = f"trial_{n:02d}"
+        (sweep / name).mkdir()
+        reports = [{"step": s, "ev": 0.1 * n, "heldout/explained_variance": 1 - 1 / (n * s),
+                    "heldout/normalized_mse": 1 / (n * s), "heldout/l0": 100 - n,
+                    "config": {"trainer.gamma": 0.1 * (n % 2)}, "time_total_s": s / 10 + 2 * (s == 40)}
+                   for s in range(10, 41, 10)]
+        reports[-1].update({"eval/delta_ce": 3.0 - 0.1 * n, "eval/l0": 100.0 - n})  # the final report's
+        (sweep / name / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reports))
+    (sweep / "trial_07").mkdir()  # still running: not replayed
+    (sweep / "trial_07" / "result.json").write_text(json.dumps({"step": 10, "ev": 0.1}) + "\n")
+    out = run("scheduler_replay.py", str(sweep), "--orders", "4", "--grace", "15", "--rf", "2",
+              "--plot", str(tmp_path / "replay.png"))
+    table = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
+    assert "orders of all 6 trials" in out
+    assert set(table) == {"scheduler", "none", "ASHA, training ev", "ASHA, held-out ev", "MO-ASHA, epsilon-net",
+                          "MO-ASHA, crowding", "random"}
+    assert [c.strip() for c in table["none"][:6]] == ["1.000 ± 0.000", "1.000", "1.000 ± 0.000", "1.000 ± 0.000",
+                                                      "1.000 ± 0.000", "1.000 ± 0.000"]
+    # trial_06 dominates every other trial: it alone makes the front, and the schedulers that rank on figures
+    # which grow with n keep it whatever the order (it is never behind another trial)
+    for name in ("ASHA, training ev", "MO-ASHA, epsilon-net"):
+        assert table[name][0].strip() == "1.000 ± 0.000" and float(table[name][3].split("±")[0]) < 1
+    assert (tmp_path / "replay.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_optuna_pruned_prints_both_arms():
+    out = run("optuna_pruned.py", "--seeds", "2", "--trials", "14", "--startup", "6")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows == ["stopped trials told as", "pruned", "failed"]
+
+
+def test_rung_slice_on_the_tiny_model(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(
+        "model: {name: tiny-gemma2}\nactivations: {layer: 2, context_length: 16, contexts_per_shard: 4, "
+        "train_tokens: 256, eval_tokens: 64}\nsae: {dict_size: 32}\ntrainer: {steps: 12, batch_size: 32, "
+        "lr_warmup_steps: 2, beta_warmup_steps: 2, gamma_warmup_steps: 2, log_every: 4}\n"
+        "sweep: {search: {trainer.beta: {type: loguniform, low: 0.01, high: 0.1}, "
+        "sae.dict_size: {type: choice, values: [16, 32]}}, scheduler: null}\n")
+    out = run("rung_slice.py", "--spec", str(spec), "--configs", "3", "--at", "6", "12", "--slices", "2", "3",
+              "--reference", "4", cache=tmp_path / "cache")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows[:3] == ["figure", "explained_variance", "explained_variance"] and rows[-4:] == ["C", "2", "3", "4"]

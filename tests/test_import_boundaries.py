@@ -82,3 +82,13 @@ def test_trial_workers_import_neither_transformers_nor_matplotlib():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]", run.stdout
+
+
+def test_the_scheduler_logic_and_the_sweep_folder_layout_import_no_ray():
+    """The replay benchmark drives successive halving without Ray, and what only reads a sweep folder needs its
+    names only."""
+    code = ("import sys, csc.sweep.halving, csc.sweep.layout\n"
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'mlflow', 'optuna'}))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout

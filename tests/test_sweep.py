@@ -46,7 +46,7 @@ def tiny_sweep(tmp_path: Path, cache: Path, trainer: dict | None = None, checkpo
                   "objectives": [{"metric": "ev", "mode": "max"}, {"metric": "l0", "mode": "min"}],
                   "search": {"trainer.beta": {"type": "loguniform", "low": 0.001, "high": 0.01},
                              "trainer.lr": {"type": "loguniform", "low": 3e-4, "high": 3e-3}},
-                  "scheduler": {"metric": "ev", "mode": "max", "grace_period": 10, "reduction_factor": 2},
+                  "scheduler": {"type": "mo-asha", "grace_period": 10, "reduction_factor": 2},
                   "resources": {"trial_cpus": 0.5, "producer_cpus": 0.5},
                   **sweep},
     }
@@ -69,7 +69,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, cache, capsys, monkeypatch):
     points = [{"trainer.beta": 0.001, "trainer.lr": 1e-3},
-              {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: ASHA stops it
+              {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: MO-ASHA stops it
               {"trainer.beta": 0.005, "trainer.lr": 1e20}]  # outside the searched range; diverges at step 2
     spec = load_spec(SweepSpec, tiny_sweep(in_tmp, cache, points_to_evaluate=points, num_samples=4))
     secret = "hf_csc_sentinel_0123456789"
@@ -95,7 +95,7 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert parent.data.params["trainer.steps"] == "40"
     assert parent.data.metrics["producer.lm_shards_computed"] == LM_SHARDS
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= \
-        {"trials.csv", "trials.json", "pareto.png", "progression.png"}
+        {"trials.csv", "trials.json", "pareto.png", "progression.png", "scheduler.json"}
     assert Path(client.get_experiment(result.experiment_id).artifact_location.removeprefix("file://")) == \
         in_tmp / "mlartifacts"
 
@@ -136,7 +136,16 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     stopped = runs["trial_02"]
     # early stopping is an outcome, not a crash: FINISHED, its tag says how
     assert stopped.info.status == "FINISHED" and stopped.data.tags["csc.outcome"] == "stopped_early"
-    assert "ASHA stopped it at step" in stopped.data.tags["csc.stop_reason"]
+    # MO-ASHA on the objectives' rung figures: held-out EV and L0; trial_01 was alone at the rung before it
+    reason = stopped.data.tags["csc.stop_reason"]
+    assert reason.startswith("stopped at the rung at step 10 (reported at step 10): heldout/explained_variance ")
+    assert reason.endswith("placed 2 of the 2 trials at that rung, and only the top 1/2 (1) continue") and \
+        ("dominated by trial_01" in reason or "on the first front, placed after the others there" in reason)
+    assert reason == rows["trial_02"]["reason"]
+    # the rung figures are curves of every trial's run, beside the training figures
+    assert [m.step for m in client.get_metric_history(done.info.run_id, "heldout/context_locality")] == \
+        list(range(5, 41, 5))
+    assert {"heldout/explained_variance", "heldout/l0", "heldout/nce", "heldout/seconds"} <= set(done.data.metrics)
     assert "sae" in {a.path for a in client.list_artifacts(stopped.info.run_id)}
     assert "dashboard.html" not in {a.path for a in client.list_artifacts(stopped.info.run_id)}  # not evaluated
 
@@ -158,6 +167,13 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert f"the LM made {LM_SHARDS} shards" in summary
     assert "best trials (ev max, l0 min; the Pareto set):" in summary
     assert "\ntrial_0" in summary.split("the Pareto set")[1]
+    # every rung decision, with the figures it was made on
+    decisions = summary.split("early stopping: MO-ASHA on heldout/explained_variance (max), heldout/l0 (min), ties by "
+                              "crowding distance; rungs at steps 10, 20 of 40, the top 1/2 of each continue; every "
+                              "decision:\n")[1]
+    assert decisions.startswith("  rung at step 10: heldout/explained_variance (max), heldout/l0 (min)\n"
+                                "    trial_01  step 10    continue  place 1 of 1  [")
+    assert re.search(r"\n    trial_02  step 10    stop      place 2 of 2  \[[0-9.]+  [0-9.]+\]", decisions)
     view = f"#/experiments/{result.experiment_id}/runs?viewStateShareKey=csc-tiny"
     assert f"open it with: csc ui; the sweep's view of the runs table (outcomes, searched values, figures): {view}\n" \
         in summary

@@ -26,6 +26,7 @@ from csc.errors import CscError
 from csc.spec_loader import load_spec
 from csc.sweep.producer import NAMESPACE, producer_name
 from csc.sweep.run import run_sweep
+from csc.sweep.scheduler import load_halving
 from csc.sweep.spec import SweepSpec
 from csc.sweep.ui import MlflowServer, _group_alive, free_port
 from tests.test_sweep import LM_SHARDS, child_runs, tiny_sweep
@@ -116,15 +117,26 @@ def test_sweep_survives_killed_producer_and_trial_worker(tmp_path, cache, monkey
 
 
 @pytest.mark.slow
-def test_a_sweep_killed_then_interrupted_resumes_into_the_same_runs(tmp_path, cache):
+@pytest.mark.parametrize("kind", [{"type": "mo-asha"}, {"type": "asha", "metric": "heldout/explained_variance"}],
+                         ids=["mo-asha", "asha"])
+def test_a_sweep_killed_then_interrupted_resumes_into_the_same_runs(tmp_path, cache, kind):
     """SIGKILL of `csc sweep` (its whole process group: the driver and the local Ray it started, as on a lost
     machine), `--resume`, Ctrl+C (SIGINT) in the middle of that, and `--resume` again: the sweep finishes into the
     same parent and child runs, none duplicated, each step logged once. A trial started just before the kill, which
     Tune never saved, runs again in a new run (its old run is deleted); one that had logged steps past its last
-    checkpoint trains them again, bit for bit here, into the same run. Tune's noise after a resume stays out of
-    sight, and its table shows the searched values and the trials' figures."""
+    checkpoint trains them again, bit for bit here, into the same run. Every rung decision made before the kill and
+    before the interruption stands, in its order, and no trial is judged twice at one rung (rungs at 30 and 60 lie
+    between checkpoints, so a trial resumed from its checkpoint may train through them again). Tune's noise after
+    a resume stays out of sight, and its table shows the searched values and the trials' figures."""
     spec_path = tiny_sweep(tmp_path, cache, trainer={"steps": 200, "log_every": 20}, checkpoint_every=40,
-                           num_samples=5, max_concurrent=2, scheduler=None)  # long enough to be stopped mid-way
+                           num_samples=5, max_concurrent=2,  # long enough to be stopped mid-way
+                           scheduler={**kind, "grace_period": 30, "reduction_factor": 2})  # rungs at 30, 60, 120
+    sweep_dir = tmp_path / "runs" / "tiny"
+    decisions = []  # the scheduler's records after the kill, after the interruption, at the end
+
+    def keep_decisions():
+        halving = load_halving(sweep_dir)
+        decisions.append({m: [vars(r) for r in rs] for m, rs in halving.rungs.items()} if halving else {})
     cmd = [sys.executable, "-m", "csc.cli", "sweep", str(spec_path), "--out", str(tmp_path / "runs"), "--verbose", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -153,6 +165,7 @@ def test_a_sweep_killed_then_interrupted_resumes_into_the_same_runs(tmp_path, ca
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _group_alive(proc.pid)
+    keep_decisions()
     state = json.loads((tmp_path / "runs" / "tiny" / "csc_sweep.json").read_text())
     killed = child_runs(client, state["experiment_id"], state["parent_run_id"])
     assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # nobody could say otherwise
@@ -170,6 +183,7 @@ def test_a_sweep_killed_then_interrupted_resumes_into_the_same_runs(tmp_path, ca
     assert proc.returncode == 0 and "the sweep was interrupted; continue it with" in out, out[-5000:]
     assert re.search(r"Trial name +status +trainer\.beta +trainer\.lr +iter +total time \(s\) +loss +ev +l0 +mse",
                      out), out[-3000:]
+    keep_decisions()
     interrupted = child_runs(client, state["experiment_id"], state["parent_run_id"])
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
 
@@ -189,12 +203,33 @@ def test_a_sweep_killed_then_interrupted_resumes_into_the_same_runs(tmp_path, ca
             old = client.get_run(run.info.run_id)
             assert old.info.lifecycle_stage == "deleted" and "csc.lost" in old.data.tags, name
             assert f"{name}: MLflow run {run.info.run_id} was started just before the driver died" in out
+    trials = {r["trial"]: r for r in json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())}
+    assert sorted(trials) == sorted(after)
     for run in after.values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert steps == list(range(20, 201, 20)), f"{run.info.run_name}: every step once"
+        last = trials[run.info.run_name]["steps_done"]
+        assert steps == list(range(20, last + 1, 20)), f"{run.info.run_name}: every step once"
     assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
-    trials = json.loads((tmp_path / "runs" / "tiny" / "trials.json").read_text())
-    assert sorted(r["trial"] for r in trials) == sorted(after)
+
+    keep_decisions()
+    for before, later in zip(decisions, decisions[1:]):  # every decision stands, in the order it was made
+        for rung, records in before.items():
+            assert later[rung][:len(records)] == records, rung
+    final = decisions[-1]
+    stopped = {}
+    for rung, records in final.items():
+        names = [r["trial"] for r in records]
+        assert len(names) == len(set(names)), f"a trial judged twice at the rung at step {rung}"
+        assert not set(names) & set(stopped), "a stopped trial judged at a later rung"
+        stopped.update({r["trial"]: r["step"] for r in records if r["decision"] == "stop"})
+    assert stopped and sum(r["outcome"] == "finished" for r in trials.values()) >= 1
+    for name, row in trials.items():
+        if name in stopped:
+            assert row["outcome"] == "stopped_early" and row["steps_done"] == stopped[name], name
+            assert row["reason"] == load_halving(sweep_dir).stop_reason(name)
+            assert after[name].data.tags["csc.stop_reason"] == row["reason"]
+        else:
+            assert row["outcome"] == "finished" and row["steps_done"] == 200, name
 
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "holds a sweep: pass --resume to continue it" in again.stderr

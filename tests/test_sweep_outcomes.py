@@ -21,7 +21,9 @@ def test_untracked_sweep_keeps_every_file_of_its_folder(tmp_path, cache, monkeyp
     points = [{"trainer.beta": 0.001, "trainer.lr": 1e-3},
               {"trainer.beta": 0.01, "trainer.lr": 3e-4},  # reconstructs worse at step 10: ASHA stops it
               {"trainer.beta": 0.005, "trainer.lr": 1e20}]  # diverges at step 2
-    spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, num_samples=3, points_to_evaluate=points))
+    # single-figure ASHA, on a training metric (tests/test_sweep.py runs MO-ASHA on the rung figures)
+    asha = {"type": "asha", "metric": "ev", "mode": "max", "grace_period": 10, "reduction_factor": 2}
+    spec = load_spec(SweepSpec, tiny_sweep(tmp_path, cache, num_samples=3, points_to_evaluate=points, scheduler=asha))
     try:
         result = run_sweep(spec, "plain", tmp_path / "runs", verbose=0, tracked=False)
     finally:
@@ -32,7 +34,9 @@ def test_untracked_sweep_keeps_every_file_of_its_folder(tmp_path, cache, monkeyp
     assert "tracking_uri" not in json.loads((sweep_dir / STATE_FILE).read_text())
     rows = {r["trial"]: r for r in result.rows}
     assert [rows[t]["outcome"] for t in sorted(rows)] == ["finished", "stopped_early", "failed"]
-    assert rows["trial_02"]["reason"].startswith("ASHA stopped it at step 10 of 40: ev ")
+    assert rows["trial_02"]["reason"].startswith("stopped at the rung at step 10 (reported at step 10): ev ")
+    assert rows["trial_02"]["reason"].endswith("; behind trial_01; placed 2 of the 2 trials at that rung, and only the "
+                                               "top 1/2 (1) continue")
     assert rows["trial_03"]["reason"].startswith("csc.errors.DivergenceError: step 2: ")
     assert all((sweep_dir / name).stat().st_size > 0 for name in REPORTS)
     assert json.loads((sweep_dir / "trials.json").read_text()) == result.rows

@@ -264,3 +264,24 @@ def test_pareto_plot_draws_configurations_with_error_bars(seeded_rows, rows, tmp
     plt.close(plain)
     pareto_plot(seeded_rows, tmp_path / "pareto.png")
     assert_png(tmp_path / "pareto.png")
+
+
+def test_pareto_plot_shows_an_objective_the_four_panels_lack_and_rings_the_sweeps_pareto_set(rows):
+    """A sweep on delta CE, L0 and context locality: locality against delta CE in a fifth panel, and the trials of
+    the Pareto set in all three objectives ringed in every panel."""
+    for r, loc in zip(rows, [1.1, 1.3, 1.2, None, None, 1.0, None, None]):
+        if loc is not None:
+            r["metrics"]["eval/context_locality"] = loc
+    objectives = [("eval/delta_ce", "min"), ("eval/l0", "min"), ("eval/context_locality", "max")]
+    fig = pareto_figure(rows, objectives)
+    visible = [ax for ax in fig.axes if ax.axison and ax.get_title()]
+    assert [ax.get_title() for ax in visible][-1] == "(e) context_locality vs delta CE"
+    extra = visible[-1]
+    # trial 1 (delta CE 0.24, locality 1.3), trial 2 (0.4, 1.2), trial 0 (0.2, 1.1) and trial 5 (0.3, 1.0) finished
+    xs = sorted(x for x, _ in extra.collections[0].get_offsets().tolist())
+    assert xs == pytest.approx([0.2, 0.24, 0.3, 0.4])
+    # the Pareto set in (delta CE, L0, locality): trial 0 (best delta CE), 1 (best locality), 2 (best L0); not 5
+    ringed = sorted(x for x, _ in extra.collections[1].get_offsets().tolist())
+    assert ringed == pytest.approx([0.2, 0.24, 0.4])
+    assert len(pareto_figure(rows).axes) == 4 + 1  # without objectives: the four panels and the gamma colour bar
+    plt.close(fig)

@@ -81,21 +81,38 @@ def test_points_take_the_fields_types(tmp_path):
      "mse); Optuna needs every objective from every trial: the held-out 'eval/nce' is measured for every trial"),
     (lambda d: d["sweep"].update(objectives=[{"metric": "auxk", "mode": "min"}]),
      "sweep.objectives[0].metric: the trials with sae.dict_size 64, trainer.beta 0.001 do not report 'auxk'"),
-    (lambda d: d["sweep"]["scheduler"].update(metric="eval/delta_ce"),
-     "sweep.scheduler.metric: 'eval/delta_ce' is a held-out figure, measured once after a trial's last step; ASHA "
-     "ranks trials at its rungs, before that: give a training metric (loss, mse, "),
-    (lambda d: d["sweep"]["scheduler"].update(metric="kl"), "sweep.scheduler.metric: 'kl' is not a metric trials "
-                                                            "report: a training metric (loss, "),
+    (lambda d: d["sweep"]["scheduler"].update(type="asha", metric="eval/delta_ce"),
+     "sweep.scheduler.metric: 'eval/delta_ce' is a held-out figure, measured once after a trial's last step; the "
+     "rungs rank trials before that: give a rung figure (its own is 'heldout/normalized_mse') or a training metric, "
+     "and make 'eval/delta_ce' an objective"),
+    (lambda d: d["sweep"]["scheduler"].update(type="asha", metric="kl"),
+     "sweep.scheduler.metric: 'kl' is neither a rung figure (heldout/explained_variance, "),
+    (lambda d: d["sweep"]["scheduler"].update(type="asha"),
+     "sweep.scheduler: type asha ranks on one figure: give metric (e.g. heldout/explained_variance)"),
+    (lambda d: d["sweep"]["scheduler"].update(type="asha", metric="ev"),
+     "sweep.scheduler: mode: give min or max for the training metric 'ev'"),
+    (lambda d: d["sweep"]["scheduler"].update(metric="heldout/l0"),
+     "sweep.scheduler: metric and mode are ASHA's: set type: asha to rank on one figure"),
+    (lambda d: d["sweep"]["scheduler"].update(figures=[{"metric": "eval/l0"}]),
+     "sweep.scheduler.figures.0.metric: 'eval/l0' is a held-out figure, measured once after a trial's last step; "
+     "the rungs rank trials before that: give a rung figure (its own is 'heldout/l0')"),
+    (lambda d: d["sweep"].update(objectives=[{"metric": "eval/probe_letter_sae_top_1", "mode": "max"}]),
+     "sweep.scheduler: objective 0, 'eval/probe_letter_sae_top_1', has no rung figure to stand for it at the rungs "
+     "(csc.sweep.reported.RUNG_OF); name the figures the rungs rank on in sweep.scheduler.figures"),
     # gamma 0.1 everywhere: every trial has InfoNCE, but not at the steps of its warm-up where its weight is 0
-    (lambda d: d["trainer"].update(gamma=0.1, gamma_warmup_steps=5) or d["sweep"]["scheduler"].update(metric="nce"),
+    (lambda d: d["trainer"].update(gamma=0.1, gamma_warmup_steps=5) or d["sweep"]["scheduler"].update(
+        type="asha", metric="nce", mode="min"),
      "sweep.scheduler.metric: 'nce' is not in every report of the trials with sae.dict_size 64, trainer.beta 0.001 "
-     "(the trainer skips an optional term at the steps where its weight is 0, as at the start of its warm-up); ASHA "
-     "ranks trials on it at every rung: give one of loss, mse, l1, l0, ev, dead_frac, grad_norm"),
+     "(the trainer skips an optional term at the steps where its weight is 0, as at the start of its warm-up); the "
+     "rungs rank trials on it: give a rung figure (heldout/explained_variance, "),
     (lambda d: d["sweep"].update(search={**d["sweep"]["search"], "sae.architecture": {
-        "type": "choice", "values": ["relu", "topk"]}}, scheduler={"metric": "l1", "grace_period": 10}),
-     "sweep.scheduler.metric: 'l1' is not in every report of the trials with sae.architecture 'topk', "
-     "sae.dict_size 64, trainer.beta 0.001 (they do not have that term); ASHA ranks trials on it at every rung: give "
-     "one of loss, mse, l0, ev, dead_frac, grad_norm"),
+        "type": "choice", "values": ["relu", "topk"]}}, scheduler={"figures": [{"metric": "l1", "mode": "min"}],
+                                                                  "grace_period": 10}),
+     "sweep.scheduler.figures: 'l1' is not in every report of the trials with sae.architecture 'topk', "
+     "sae.dict_size 64, trainer.beta 0.001 (they do not have that term); the rungs rank trials on it: give a rung "
+     "figure (heldout/explained_variance, heldout/normalized_mse, heldout/l0, heldout/dead_fraction, heldout/nce, "
+     "heldout/code_sim_positive, heldout/code_sim_negative, heldout/context_locality, "
+     "heldout/context_locality_weighted) or one of loss, mse, l0, ev, dead_frac, grad_norm"),
     (lambda d: d["sweep"].update(seeds=3, search={**d["sweep"]["search"], "trainer.seed": {
         "type": "choice", "values": [0, 1]}}),
      "sweep.seeds (3) runs each configuration with trainer.seed 0...2, and sweep.search.trainer.seed searches it "
@@ -241,7 +258,8 @@ def test_dry_run_checks_what_the_sweep_checks_prints_the_plan_and_writes_nothing
     lines = out.splitlines()
     assert lines[0] == f"dry run of sweep 's': would write {tmp_path.resolve() / 'runs' / 's'}"
     assert "  trainer.beta: loguniform in [0.001, 0.1]" in lines and "  sae.dict_size: one of [64, 128]" in lines
-    assert "objectives: ev (max); ASHA on ev (max), first rung at step 10" in lines
+    assert "objectives: ev (max); MO-ASHA on heldout/explained_variance (max), ties by crowding distance; rungs at steps " \
+        "10, 20 of 40, the top 1/2 of each continue" in lines
     assert any(line.startswith("concurrency: 2 trials at once, each 1 CPU, 0 GPU; 1 producer(s)") for line in lines)
     assert "tokens: 40 steps x 64 = 2,560 trained tokens per trial, 20,480 in all" in lines
     acts = Activations(load_spec(SweepSpec, path).trial({}))

@@ -205,7 +205,6 @@ def reconstruction_scores(sae: SparseAutoencoder, batches: Iterable[ActivationBa
     if n_contrast == 0:
         raise CscError("no held-out batch has anchors from two sequences: the contrastive figures are undefined")
     scores["cosine_similarity"] = cos_sum / stats.n
-    scores["decoder_mean_max_cos"] = metrics.decoder_max_cosine(sae.W_dec)
     scores["nce"] = nce_sum / n_contrast
     scores["nce_chance"] = chance_sum / n_contrast
     scores["code_sim_positive"] = pos_sum / n_contrast

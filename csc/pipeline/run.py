@@ -34,6 +34,7 @@ from csc.pipeline.probing import PROBING_METRICS, held_out_labels, probing_score
 from csc.sae.batch import ActivationBatch
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.export import HookInfo, load_sae, save_sae
+from csc.sae import metrics
 from csc.sae.metrics import DensityHistogram
 from csc.sae.saelens_folder import load_saelens_sae, read_saelens_folder
 from csc.sae.model import SparseAutoencoder
@@ -160,18 +161,29 @@ def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
     (csc.pipeline.absorption, with eval.absorption) reads `absorption`, the LM's part that the LM's holder makes
     (absorption_set); by default from `acts`."""
     sae = sae.to("cpu").eval()
-    size = min(spec.trainer.batch_size, _eval_anchors(acts))
-    batches = shard_batches(acts, "eval", size, drop_last=False)
-    results, hist = reconstruction_scores(sae, batches, temperature=spec.trainer.temperature,
-                                          hard_negatives=spec.trainer.hard_negatives,
-                                          latents=spec.trainer.nce_latent_count(sae.cfg.dict_size))
-    per_batch = max(1, size // (spec.activations.context_length - FIRST_ANCHOR))
-    results.update(locality_scores(sae, (x[:, FIRST_ANCHOR:] for x, _ in _held_out_contexts(acts, per_batch))))
+    results, hist = held_out_scores(spec, sae, acts)
+    results["decoder_mean_max_cos"] = metrics.decoder_max_cosine(sae.W_dec)
     results.update(splice(sae) if splice is not None else splice_run(spec, sae, acts))
     results.update(probing_scores(spec, sae, acts, labels if labels is not None else held_out_labels(spec, acts)))
     if spec.eval.absorption:
         data = absorption if absorption is not None else absorption_set(spec, acts)
         results.update(absorption_scores(sae, data, acts.scale, spec.eval.absorption_seed))
+    return results, hist
+
+
+@torch.no_grad()
+def held_out_scores(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource
+                    ) -> tuple[dict[str, float], DensityHistogram]:
+    """What needs no LM: reconstruction and contrastive figures over every held-out anchor of `acts`
+    (csc.pipeline.evaluate.reconstruction_scores), in batches of the training batch size (capped to the held-out
+    anchors), and context locality over every held-out context, on `sae` as it is (train or eval mode, its device)."""
+    size = min(spec.trainer.batch_size, _eval_anchors(acts))
+    batches = shard_batches(acts, "eval", size, device=sae.W_dec.device, drop_last=False)
+    results, hist = reconstruction_scores(sae, batches, temperature=spec.trainer.temperature,
+                                          hard_negatives=spec.trainer.hard_negatives,
+                                          latents=spec.trainer.nce_latent_count(sae.cfg.dict_size))
+    per_batch = max(1, size // (spec.activations.context_length - FIRST_ANCHOR))
+    results.update(locality_scores(sae, (x[:, FIRST_ANCHOR:] for x, _ in _held_out_contexts(acts, per_batch))))
     return results, hist
 
 

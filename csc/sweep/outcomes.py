@@ -11,7 +11,8 @@ A Tune callback (TrialRecords, on the driver) writes, as trials end:
     trial_NN/error.txt   a failed trial's traceback
 and, when the sweep ends, its reports (csc.sweep.report): trials.json (what `csc report` reads), trials.csv,
 pareto.png, progression.png and, where configurations ran over several seeds, configs.json and configs.csv (each
-configuration's mean and spread over its seeds). Each of those is then handed to the tracker, if the sweep has one
+configuration's mean and spread over its seeds); the scheduler's decisions (scheduler.json, csc.sweep.scheduler)
+go with them to the tracker. Each of those is then handed to the tracker, if the sweep has one
 (csc.sweep.tracking); the files never wait for it.
 
 A trial's outcome: finished (trained all its steps), stopped_early (the scheduler stopped it, see
@@ -36,12 +37,12 @@ from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, DONE, EXPERIMENT_TA
 from csc.pipeline import dashboard, plots
 from csc.sae.metrics import DensityHistogram
 from csc.sweep import report
-from csc.sweep.scheduler import stopped_by_scheduler
+from csc.sweep.layout import SCHEDULER_FILE, TRIALS_FILE, trial_name
+from csc.sweep.scheduler import stop_reason
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker
 from csc.sweep.trial import DENSITY_FILE, RESOLVED, RESOLVED_FIELDS, SINCE
 
-TRIALS_FILE = "trials.json"
 REPORTS = (TRIALS_FILE, "trials.csv", "pareto.png", "progression.png")
 CONFIGS_FILE = "configs.json"
 CONFIG_REPORTS = (CONFIGS_FILE, "configs.csv")
@@ -51,12 +52,6 @@ NOT_METRICS = frozenset((*AUTO_RESULT_KEYS, *DEBUG_METRICS, DONE, SHOULD_CHECKPO
 """Keys of a Tune result that are not the trial's figures: what Tune adds to every report, and the step
 (the x axis of every figure)."""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error reports for terminals
-
-
-def trial_name(trial: Trial) -> str:
-    """trial_<n>: n counts the sweep's trials from 1, in the order the searcher made them."""
-    n = str(trial.experiment_tag).split("_", 1)[0]
-    return f"trial_{int(n):02d}" if n.isdigit() else f"trial_{trial.trial_id}"
 
 
 def metrics_of(result: dict[str, Any]) -> dict[str, float]:
@@ -110,23 +105,20 @@ def trial_row(trial: Trial, spec: SweepSpec, sweep_dir: str | Path, status: str 
     elif status == Trial.TERMINATED:
         if steps >= total:
             row["outcome"] = "finished"
-        elif trial.trial_id not in stopped_by_scheduler(sweep_dir):
+        elif (reason := stop_reason(sweep_dir, row["trial"])) is None:
             row["outcome"] = "running"  # stopped by an interruption: --resume continues it
         else:
-            asha = spec.sweep.scheduler
-            row["outcome"] = "stopped_early"
-            row["reason"] = (f"ASHA stopped it at step {steps} of {total}: {asha.metric} "
-                             f"{metrics.get(asha.metric, float('nan')):.4g} was not in the best "
-                             f"1/{asha.reduction_factor:g} of the trials at that rung") if asha else \
-                f"stopped at step {steps} of {total}"
+            row.update(outcome="stopped_early", reason=reason)
     else:
         row["outcome"] = "running"
     return row
 
 
-def write_reports(rows: list[dict[str, Any]], sweep_dir: Path) -> list[Path]:
-    """The sweep's reports from its trial rows; returns their paths (REPORTS, in order, then CONFIG_REPORTS where
-    configurations ran over several seeds: each trial row then names its configuration)."""
+def write_reports(rows: list[dict[str, Any]], sweep_dir: Path, objectives: list[tuple[str, str]] | None = None
+                  ) -> list[Path]:
+    """The sweep's reports from its trial rows (pareto.png with its `objectives`); returns their paths (REPORTS, in
+    order, then CONFIG_REPORTS where configurations ran over several seeds: each trial row then names its
+    configuration)."""
     configs = report.configurations(rows)
     repeated = report.repeated(configs)
     if repeated:
@@ -134,7 +126,7 @@ def write_reports(rows: list[dict[str, Any]], sweep_dir: Path) -> list[Path]:
         rows = [{**r, "config": config_of[r["trial"]]} for r in rows]
     (sweep_dir / TRIALS_FILE).write_text(json.dumps(rows, indent=1))
     report.write_trials_table(rows, sweep_dir / "trials.csv")
-    report.pareto_plot(rows, sweep_dir / "pareto.png")
+    report.pareto_plot(rows, sweep_dir / "pareto.png", objectives)
     report.progression_plot(rows, sweep_dir / "progression.png")
     if not repeated:
         return [sweep_dir / name for name in REPORTS]
@@ -253,6 +245,10 @@ class TrialRecords(Callback):
         return kept
 
     def on_experiment_end(self, trials: list[Trial], **info):
-        paths = write_reports([self.row(t) for t in trials], Path(self.sweep_dir))
+        paths = write_reports([self.row(t) for t in trials], Path(self.sweep_dir),
+                              [(o.metric, o.mode) for o in self.spec.sweep.objectives])
+        decisions = Path(self.sweep_dir) / SCHEDULER_FILE
+        if decisions.is_file():  # every rung decision, on the parent run too
+            paths.append(decisions)
         if self.tracker is not None:
             self.tracker.sweep_artifacts(paths)

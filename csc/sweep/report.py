@@ -169,18 +169,23 @@ def _gamma_scale(rows: list[dict]) -> ScalarMappable | None:
     return ScalarMappable((LogNorm if _spans_decade(g) else Normalize)(min(g), max(g)), "viridis")
 
 
-def pareto_plot(rows: list[dict], path_png: str | Path) -> None:
-    """pareto_figure(rows), as a PNG."""
-    fig = pareto_figure(rows)
+def pareto_plot(rows: list[dict], path_png: str | Path, objectives: list[tuple[str, str]] | None = None) -> None:
+    """pareto_figure(rows, objectives), as a PNG."""
+    fig = pareto_figure(rows, objectives)
     fig.savefig(path_png, dpi=90)
     pyplot().close(fig)
 
 
-def pareto_figure(rows: list[dict]) -> Figure:
+_L0_PANELS = ("eval/l0", "eval/explained_variance", "eval/ce_loss_recovered", "eval/delta_ce", "eval/kl_spliced")
+
+
+def pareto_figure(rows: list[dict], objectives: list[tuple[str, str]] | None = None) -> Figure:
     """L0 vs (a) explained variance, (b) CE loss recovered, and its scale: (c) delta CE in nats, (d) KL(clean || SAE);
-    front of the finished trials (low L0; high y for (a), (b), low y for (c), (d)). Where configurations ran over
-    several seeds (`repeated`), a finished point is a configuration all of whose seeds finished: the mean over
-    them, with error bars of one standard deviation each way."""
+    front of the finished trials (low L0; high y for (a), (b), low y for (c), (d)). With the sweep's `objectives`,
+    one more panel for each (at most two) that those four do not show, against delta CE (e.g. context locality: what
+    the SAE buys against what it costs the LM), and the sweep's Pareto set in all its objectives ringed in every
+    panel. Where configurations ran over several seeds (`repeated`), a finished point is a configuration all of whose
+    seeds finished: the mean over them, with error bars of one standard deviation each way."""
 
     def colour(r: dict, default: str) -> Any:
         g = _num((r.get("params") or {}).get(GAMMA))
@@ -198,17 +203,25 @@ def pareto_figure(rows: list[dict]) -> Figure:
     # Held-out figures for finished trials; stopped-early trials only have their last training-batch averages,
     # so they are drawn apart and kept out of the front.
     early = [r for r in rows if r.get("outcome") == "stopped_early"]
+    l0 = "L0 (active latents per token)"
     panels = [("(a) explained variance", xy(finished, "eval/l0", "eval/explained_variance"), xy(early, "l0", "ev"),
-               True),
-              ("(b) CE loss recovered", xy(finished, "eval/l0", "eval/ce_loss_recovered"), [], True),
-              ("(c) delta CE (nats)", xy(finished, "eval/l0", "eval/delta_ce"), [], False),
-              ("(d) KL(clean || SAE)", xy(finished, "eval/l0", "eval/kl_spliced"), [], False)]
+               True, l0),
+              ("(b) CE loss recovered", xy(finished, "eval/l0", "eval/ce_loss_recovered"), [], True, l0),
+              ("(c) delta CE (nats)", xy(finished, "eval/l0", "eval/delta_ce"), [], False, l0),
+              ("(d) KL(clean || SAE)", xy(finished, "eval/l0", "eval/kl_spliced"), [], False, l0)]
+    extra = [(m, mode) for m, mode in objectives or [] if m not in _L0_PANELS][:2]
+    for letter, (metric, mode) in zip("ef", extra):
+        panels.append((f"({letter}) {metric.removeprefix('eval/')}", xy(finished, "eval/delta_ce", metric), [],
+                       mode == "max", "delta CE (nats)"))
+    chosen = {id(r) for r in best_trials(finished, objectives)} if objectives and len(objectives) > 1 else set()
     # Scaled on the trials drawn, so a failed trial's extreme gamma does not squeeze the colours.
-    sm = _gamma_scale([p[2] for _, fin, early, _ in panels for p in fin + early])
+    sm = _gamma_scale([p[2] for _, fin, early, _, _ in panels for p in fin + early])
     from matplotlib.lines import Line2D
 
-    fig, axes = pyplot().subplots(2, 2, figsize=(13, 10), layout="constrained")
-    for ax, (label, fin, early, higher_better) in zip(axes.flat, panels):
+    fig, axes = pyplot().subplots(2, 3 if extra else 2, figsize=(19 if extra else 13, 10), layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for ax, (label, fin, early, higher_better, xlabel) in zip(axes.flat, panels):
         handles = []
         if fin:
             ax.scatter([p[0] for p in fin], [p[1] for p in fin], c=[colour(p[2], "tab:green") for p in fin],
@@ -221,7 +234,13 @@ def pareto_figure(rows: list[dict]) -> Figure:
             handles += [Line2D([], [], ls="", marker="o", mfc=colour({}, "tab:green"), mec="k",
                                label="finished configuration (c<n>): mean ± std over its seeds, held-out eval"
                                if by_config else "finished (held-out eval)"),
-                        Line2D([], [], color="k", lw=1, label="Pareto front (finished)")]
+                        Line2D([], [], color="k", lw=1, label="Pareto front of this panel (finished)")]
+            ringed = [p for p in fin if id(p[2]) in chosen]
+            if ringed:
+                ax.scatter([p[0] for p in ringed], [p[1] for p in ringed], s=170, facecolors="none",
+                           edgecolors="tab:red", linewidths=1.4, zorder=4)
+                handles.append(Line2D([], [], ls="", marker="o", ms=11, mfc="none", mec="tab:red",
+                                      label="the sweep's Pareto set (all its objectives)"))
         else:
             ax.text(0.5, 0.95, "no finished trial reports it", transform=ax.transAxes, ha="center", va="top",
                     color="0.4")
@@ -235,7 +254,7 @@ def pareto_figure(rows: list[dict]) -> Figure:
             ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
         if _spans_decade([p[0] for p in fin + early]):
             ax.set_xscale("log")
-        ax.set(xlabel="L0 (active latents per token)", ylabel=label[4:], title=f"{label} vs L0")
+        ax.set(xlabel=xlabel, ylabel=label[4:], title=f"{label} vs {'L0' if xlabel == l0 else 'delta CE'}")
         ax.grid(alpha=0.3)
         if handles:
             ax.legend(handles=handles, fontsize=8, loc="best")

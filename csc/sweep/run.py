@@ -7,6 +7,7 @@ trial's result.json and checkpoints) plus:
     trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run), and
                      configs.json, configs.csv where configurations ran over several seeds
     trial_NN/sae/, curves.png, error.txt                   what each trial's MLflow run also holds
+    scheduler.json   every early-stopping decision (csc.sweep.scheduler), read back by --resume
     mlflow_unsent.json   only if MLflow still failed at the end: the records it never received
 csc.sweep.outcomes writes those files, tracker or not; csc.sweep.tracking.mlflow makes the MLflow runs.
 """
@@ -28,18 +29,17 @@ from csc.errors import CscError
 from csc.pipeline.absorption import SAE_FIGURES
 from csc.sweep import report
 from csc.sweep.cluster import check_cluster
-from csc.sweep.outcomes import CONFIGS_FILE, TRIALS_FILE, TrialRecords, error_reason, trial_name
+from csc.sweep.layout import STATE_FILE, TRIALS_FILE, trial_name
+from csc.sweep.outcomes import CONFIGS_FILE, TrialRecords, error_reason
 from csc.sweep.producer import NAMESPACE, pool_stats, start_pool
 from csc.sweep.reported import EVAL_PREFIX
-from csc.sweep.scheduler import scheduler
+from csc.sweep.scheduler import load_halving, scheduler, scheduler_line
 from csc.sweep.search import searcher, table_columns
 from csc.sweep.spec import SweepSpec
 from csc.sweep.tracking import Tracker, tracker_for
 from csc.sweep.tracking.mlflow import check_server, tracking_of
 from csc.sweep.trial import run_trial
 from csc.sweep.ui import default_tracking, runs_page_url, sqlite_path, sweep_view
-
-STATE_FILE = "csc_sweep.json"
 
 
 @dataclass
@@ -214,8 +214,7 @@ def dry_run(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, addr
     for point in sw.points_to_evaluate:
         lines.append(f"  first: {point}")
     lines.append("objectives: " + ", ".join(f"{o.metric} ({o.mode})" for o in sw.objectives)
-                 + ("; no early stopping" if sw.scheduler is None else
-                    f"; ASHA on {sw.scheduler.metric} ({sw.scheduler.mode}), first rung at step {sw.scheduler.grace_period}"))
+                 + ("; no early stopping" if sw.scheduler is None else f"; {scheduler_line(spec)}"))
     r, pr = sw.resources, sw.producer
     lines.append(f"concurrency: {sw.max_concurrent} trials at once, each {r.trial_cpus:g} CPU, {r.trial_gpus:g} GPU"
                  + (f", {r.trial_custom}" if r.trial_custom else "")
@@ -320,6 +319,10 @@ def sweep_summary(sweep_dir: Path) -> str:
                      + ("; mean ± std over their seeds" if by_config else "") + "):")
         params = [p for p in spec.sweep.search if not (by_config and p == report.SEED)]
         lines.append(report.format_best(best, objectives, params))
+    halving = load_halving(sweep_dir)
+    if halving is not None and halving.n_records:
+        lines.append(f"early stopping: {scheduler_line(spec)}; every decision:")
+        lines += ["  " + line for line in halving.decisions()]
     reports = f"reports: {sweep_dir}/trials.csv, pareto.png, progression.png" + \
         (", configs.csv" if (sweep_dir / CONFIGS_FILE).is_file() else "")
     if "tracking_uri" not in state:  # an untracked sweep

@@ -23,9 +23,8 @@ from csc.sae.config import parse_sae_config
 from csc.sae.export import CFG_FILE, WEIGHTS_FILE
 from csc.sae.saelens_folder import read_saelens_folder
 from csc.spec_loader import load_spec
-from csc.sweep.outcomes import TRIALS_FILE
+from csc.sweep.layout import STATE_FILE, TRIALS_FILE
 from csc.sweep.report import best_trials
-from csc.sweep.run import STATE_FILE
 from csc.sweep.spec import SweepSpec
 
 PARAMS_FILE = "params.json"

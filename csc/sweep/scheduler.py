@@ -1,44 +1,82 @@
-"""The sweep's scheduler: ASHA that writes down the trials it stops (so that outcomes can tell a trial stopped
-early from one stopped by an interrupted sweep: Tune ends both the same way), or FIFO when the spec has none."""
+"""The sweep's scheduler: successive halving on the rung figures (csc.sweep.halving: MO-ASHA on several, ASHA on
+one) as a Ray Tune scheduler, or FIFO when the spec has none.
+
+Tune rebuilds a restored sweep's scheduler from the pickle it made at the start (tuner.pkl), without anything it
+learnt since (ray-project/ray#30838), so this one keeps its rungs in the sweep folder (scheduler.json, written
+before each decision is returned) and reads them back when it is unpickled: every decision made before a driver
+died stands after --resume, and later trials are compared with the records made before the kill.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from csc.sweep.halving import STOP, SuccessiveHalving, milestones
+from csc.sweep.layout import SCHEDULER_FILE, trial_name
 from csc.sweep.spec import SweepSpec
 
-STOPPED_FILE = "stopped_by_scheduler.txt"
 
+class RungScheduler(FIFOScheduler):
+    """FIFO order of trials; at every result, `halving`'s decision (stop, or go on), kept in `path`."""
 
-class RecordingASHA(ASHAScheduler):
-    """ASHA that writes down which trials it stopped (one id per line in `record`, kept across resumes),
-    so that a trial stopped because the sweep was interrupted is never reported as stopped early: Tune
-    ends both the same way."""
+    def __init__(self, halving: SuccessiveHalving, path: str):
+        super().__init__()
+        self.halving, self.path = halving, path
 
-    def __init__(self, record: str, **kwargs):
-        super().__init__(**kwargs)
-        self.record = record
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if Path(self.path).is_file():  # a restored sweep: its records, not the pickle's empty rungs
+            self.halving = SuccessiveHalving.from_state(json.loads(Path(self.path).read_text()))
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
-            with open(self.record, "a") as f:
-                f.write(trial.trial_id + "\n")
-        return decision
+        before = self.halving.n_records
+        decision = self.halving.judge(trial_name(trial), int(result.get("step", 0)), result)
+        if self.halving.n_records != before:  # a new decision: on disk before Tune acts on it
+            tmp = Path(f"{self.path}.tmp")
+            tmp.write_text(json.dumps(self.halving.state(), indent=1))
+            os.replace(tmp, self.path)
+        return TrialScheduler.STOP if decision == STOP else TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        return "Successive halving on " + ", ".join(f"{name} ({mode})" for name, mode in self.halving.figures)
 
 
-def stopped_by_scheduler(sweep_dir: str | Path) -> set[str]:
-    path = Path(sweep_dir) / STOPPED_FILE
-    return set(path.read_text().split()) if path.is_file() else set()
+def load_halving(sweep_dir: str | Path) -> SuccessiveHalving | None:
+    """The scheduler's records in a sweep folder (None if the sweep has none: no scheduler, or no report yet)."""
+    path = Path(sweep_dir) / SCHEDULER_FILE
+    return SuccessiveHalving.from_state(json.loads(path.read_text())) if path.is_file() else None
+
+
+def stop_reason(sweep_dir: str | Path, trial: str) -> str | None:
+    """Why the scheduler stopped the trial named `trial` (its rung, figures and the trials ahead of it), or None if
+    it did not (a trial ended by an interrupted sweep was not stopped by it)."""
+    halving = load_halving(sweep_dir)
+    return halving.stop_reason(trial) if halving else None
 
 
 def scheduler(spec: SweepSpec, sweep_dir: Path) -> TrialScheduler:
-    """The spec's ASHA (rungs on the training step, up to trainer.steps), else FIFO: no early stop."""
-    a = spec.sweep.scheduler
-    if a is None:
+    """The spec's successive halving (rungs on the training step, up to trainer.steps), else FIFO: no early stop."""
+    s = spec.sweep.scheduler
+    if s is None:
         return FIFOScheduler()
-    return RecordingASHA(str(sweep_dir / STOPPED_FILE), time_attr="step", metric=a.metric, mode=a.mode,
-                         max_t=spec.trainer.steps, grace_period=a.grace_period, reduction_factor=a.reduction_factor)
+    halving = SuccessiveHalving(s.ranked(spec.sweep.objectives), s.grace_period, s.reduction_factor,
+                                spec.trainer.steps, s.tie_break)
+    return RungScheduler(halving, str(sweep_dir / SCHEDULER_FILE))
+
+
+def scheduler_line(spec: SweepSpec) -> str:
+    """The spec's early stopping in one line (for the dry run and the summary)."""
+    s = spec.sweep.scheduler
+    if s is None:
+        return "no early stopping"
+    rungs = milestones(s.grace_period, s.reduction_factor, spec.trainer.steps)
+    figures = ", ".join(f"{name} ({mode})" for name, mode in s.ranked(spec.sweep.objectives))
+    how = f"MO-ASHA on {figures}, ties by {s.tie_break.replace('_', ' ')}" if s.type == "mo-asha" else \
+        f"ASHA on {figures}"
+    return (f"{how}; rungs at step{'s' if len(rungs) > 1 else ''} {', '.join(map(str, rungs))} of "
+            f"{spec.trainer.steps}, the top 1/{s.reduction_factor:g} of each continue")

@@ -25,7 +25,8 @@ from csc.sae.trainer import TRAINING_METRICS
 from csc.spec_loader import did_you_mean
 from csc.pipeline.absorption import ABSORPTION_METRICS
 from csc.sweep.report import SEED
-from csc.sweep.reported import EVAL_PREFIX, HELD_OUT, held_out, trial_metrics
+from csc.pipeline import rung as rung_figures
+from csc.sweep.reported import EVAL_PREFIX, HELD_OUT, RUNG_OF, held_out, trial_metrics
 
 REPORT_METRICS = TRAINING_METRICS
 """What every report of a trial carries (averages over the steps since the previous report; a term's metric only
@@ -98,31 +99,111 @@ class Objective(Spec):
         return v
 
 
-class AshaSpec(Spec):
-    """Asynchronous successive halving: at each rung a trial continues only if it is in the top
-    1/reduction_factor of the trials that reached that rung."""
+class RungFigure(Spec):
+    """One figure the scheduler's rungs rank trials on."""
 
-    metric: str = "ev"
-    """Training metric the rungs compare (REPORT_METRICS), one that every trial has in every report (checked at
-    load); a held-out figure (eval/...) cannot be: it is measured once, after a trial's last step."""
-
-    mode: Literal["min", "max"] = "max"
-    """Whether lower or higher is better."""
-    grace_period: int = Field(100, ge=1)
-    """Steps every trial trains before it can be stopped (the first rung)."""
-    reduction_factor: float = Field(2.0, gt=1)
-    """Rung spacing and the fraction kept: rungs at grace_period * rf^k steps."""
+    metric: str
+    """A rung figure (heldout/ + a key of csc.pipeline.rung.FIGURES: measured on the held-out slice at every report)
+    or a training metric that every trial has in every report (REPORT_METRICS: an average over the training batches
+    since the previous report). Not a held-out eval/ figure: those are measured once, after a trial's last step."""
+    mode: Literal["min", "max"] | None = None
+    """Whether lower or higher is better; a rung figure's own by default (csc.pipeline.rung.FIGURES), needed for a
+    training metric."""
 
     @field_validator("metric")
     @classmethod
-    def _training(cls, v: str) -> str:
-        if v in HELD_OUT:
-            raise ValueError(f"{v!r} is a held-out figure, measured once after a trial's last step; ASHA ranks "
-                             f"trials at its rungs, before that: give a training metric "
-                             f"({', '.join(REPORT_METRICS)}) and make {v!r} an objective instead")
-        if v not in REPORT_METRICS:
-            raise ValueError(_unknown(v))
-        return v
+    def _ranked_at_rungs(cls, v: str) -> str:
+        return _rung_metric(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _direction(cls, data: Any) -> Any:
+        return _with_mode(data)
+
+
+def _rung_metric(v: str) -> str:
+    """`v`, if the rungs can rank on it."""
+    if v in HELD_OUT:
+        own = RUNG_OF.get(v)
+        raise ValueError(f"{v!r} is a held-out figure, measured once after a trial's last step; the rungs rank "
+                         f"trials before that: give a rung figure" + (f" (its own is {own!r})" if own else "")
+                         + f" or a training metric, and make {v!r} an objective")
+    if v not in REPORT_METRICS and v not in rung_figures.NAMES:
+        raise ValueError(f"{v!r} is neither a rung figure ({', '.join(rung_figures.NAMES)}) nor a training metric "
+                         f"({', '.join(REPORT_METRICS)})")
+    return v
+
+
+def _with_mode(data: Any) -> Any:
+    """Raw `data` with a rung figure's own direction as its mode where none is given; a training metric needs one."""
+    if not isinstance(data, dict) or data.get("mode") is not None or not isinstance(data.get("metric"), str):
+        return data
+    if data["metric"] in rung_figures.NAMES:
+        return {**data, "mode": rung_figures.FIGURES[data["metric"].removeprefix(rung_figures.PREFIX)]}
+    if data["metric"] in REPORT_METRICS:
+        raise ValueError(f"mode: give min or max for the training metric {data['metric']!r}")
+    return data  # an unknown metric: the field's own check names it
+
+
+class SchedulerSpec(Spec):
+    """Asynchronous successive halving (csc.sweep.halving): rungs at grace_period * reduction_factor^k steps, below
+    trainer.steps; a trial that reaches a rung is ranked against the trials that reached it before, and continues
+    only if it is in the top 1/reduction_factor of them (itself included). Its decision at a rung stands, across a
+    resume too (the rungs' records are kept in the sweep folder, scheduler.json)."""
+
+    type: Literal["mo-asha", "asha"] = "mo-asha"
+    """mo-asha: the trials are ordered by non-dominated sorting on several figures (`figures`), ties within a front
+    by `tie_break` (Schmucker et al. 2021); asha: by one figure (`metric`)."""
+    metric: str | None = None
+    """asha: the figure ranked at each rung (a rung figure or a training metric, as in `figures`)."""
+    mode: Literal["min", "max"] | None = None
+    """asha: whether lower or higher `metric` is better (a rung figure's own by default)."""
+    figures: list[RungFigure] | None = None
+    """mo-asha: the figures ranked at each rung. Default: each objective's rung figure (csc.sweep.reported.RUNG_OF:
+    eval/delta_ce, eval/kl_spliced, eval/ce_loss_recovered and the reconstruction figures -> heldout/normalized_mse;
+    eval/l0 -> heldout/l0; eval/nce -> heldout/nce; eval/context_locality -> heldout/context_locality; ...), each
+    once."""
+    tie_break: Literal["crowding_distance", "epsilon_net"] = "crowding_distance"
+    """mo-asha: the order within a non-dominated front: crowding_distance (NSGA-II's; ties by the sum of the scaled
+    figures) or epsilon_net (MO-ASHA's paper: seeded by the best in the first figure, then spread along the front).
+    Replayed on full-budget sweeps (bench/README.md section 10), crowding distance kept 0.91 of the final front's
+    hypervolume in 8-trial sweeps, the epsilon-net 0.74: at the small rungs of an asynchronous sweep the net's seed
+    decides, so it ranks like single-figure ASHA on the first figure."""
+    grace_period: int = Field(100, ge=1)
+    """Steps every trial trains before it can be stopped (the first rung); after the warm-ups."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """Rung spacing and the fraction kept: rungs at grace_period * rf^k steps, the top 1/rf continue."""
+
+    @field_validator("metric")
+    @classmethod
+    def _ranked_at_rungs(cls, v: str | None) -> str | None:
+        return None if v is None else _rung_metric(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _direction(cls, data: Any) -> Any:
+        return _with_mode(data) if isinstance(data, dict) and data.get("type") == "asha" else data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SchedulerSpec":
+        if self.type == "asha":
+            if self.metric is None:
+                raise ValueError("type asha ranks on one figure: give metric (e.g. heldout/explained_variance)")
+            if self.figures is not None:
+                raise ValueError("figures are mo-asha's; type asha ranks on metric alone")
+        elif self.metric is not None or self.mode is not None:
+            raise ValueError("metric and mode are ASHA's: set type: asha to rank on one figure, or give mo-asha's "
+                             "figures (default: the objectives' rung figures)")
+        return self
+
+    def ranked(self, objectives: list["Objective"]) -> list[tuple[str, str]]:
+        """(figure, mode) pairs the rungs rank on."""
+        if self.type == "asha":
+            return [(self.metric, self.mode)]
+        if self.figures is not None:
+            return [(f.metric, f.mode) for f in self.figures]
+        names = list(dict.fromkeys(RUNG_OF[o.metric] for o in objectives))
+        return [(name, rung_figures.FIGURES[name.removeprefix(rung_figures.PREFIX)]) for name in names]
 
 
 class ResourcesSpec(Spec):
@@ -215,8 +296,9 @@ class SweepSection(Spec):
     activations.pairing."""
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     """Trials to run first with these exact values (each names every searched field), e.g. a baseline."""
-    scheduler: AshaSpec | None = AshaSpec()
-    """Early stopping; null runs every trial to trainer.steps."""
+    scheduler: SchedulerSpec | None = SchedulerSpec()
+    """Early stopping (MO-ASHA on the objectives' rung figures by default); null runs every trial to
+    trainer.steps."""
     max_failures: int = Field(0, ge=0)
     """Times a failed trial is retried from its last checkpoint (a diverging trial fails again)."""
     resources: ResourcesSpec = ResourcesSpec()
@@ -313,18 +395,29 @@ class SweepSpec(TrainRunSpec):
                 evaluated = EVAL_PREFIX + objective.metric
                 raise ValueError(
                     f"sweep.objectives[{n}].metric: {_trials(params)} do not report {objective.metric!r} (a loss "
-                    f"term's metric exists only where a trial has the term; they report {', '.join(sorted(final))}); "
+                    f"term's metric exists only where a trial has the term; they report "
+                    f"{', '.join(sorted(m for m in final if m in REPORT_METRICS))}); "
                     f"Optuna needs every objective from every trial"
                     + (f": the held-out {evaluated!r} is measured for every trial" if evaluated in reported else ""))
-        asha = self.sweep.scheduler
-        for params, every, final in reports:
-            if asha is not None and asha.metric not in every:
-                why = ("the trainer skips an optional term at the steps where its weight is 0, as at the start of "
-                       "its warm-up" if asha.metric in final else "they do not have that term")
-                always = set.intersection(*(set(e) for _, e, _ in reports))
-                raise ValueError(f"sweep.scheduler.metric: {asha.metric!r} is not in every report of "
-                                 f"{_trials(params)} ({why}); ASHA ranks trials on it at every rung: give one of "
-                                 f"{', '.join(m for m in REPORT_METRICS if m in always)}")
+        sched = self.sweep.scheduler
+        if sched is None:
+            return self
+        if sched.type == "mo-asha" and sched.figures is None:
+            for n, objective in enumerate(self.sweep.objectives):
+                if objective.metric not in RUNG_OF:
+                    raise ValueError(f"sweep.scheduler: objective {n}, {objective.metric!r}, has no rung figure to "
+                                     f"stand for it at the rungs (csc.sweep.reported.RUNG_OF); name the figures the "
+                                     f"rungs rank on in sweep.scheduler.figures (e.g. heldout/normalized_mse)")
+        where = "sweep.scheduler.metric" if sched.type == "asha" else "sweep.scheduler.figures"
+        always = set.intersection(*(set(e) for _, e, _ in reports))
+        for metric, _ in sched.ranked(self.sweep.objectives):
+            for params, every, final in reports:
+                if metric not in every:
+                    why = ("the trainer skips an optional term at the steps where its weight is 0, as at the start of "
+                           "its warm-up" if metric in final else "they do not have that term")
+                    raise ValueError(f"{where}: {metric!r} is not in every report of {_trials(params)} ({why}); the "
+                                     f"rungs rank trials on it: give a rung figure ({', '.join(rung_figures.NAMES)}) "
+                                     f"or one of {', '.join(m for m in REPORT_METRICS if m in always)}")
         return self
 
     def _bounding_params(self) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """One sweep trial: a Ray Tune function trainable that trains an SAE on the producer's shards.
 
 Every `trainer.log_every` steps the trial sends Tune the trainer's report (csc.sae.trainer: averages of the
-per-step metrics since the previous report, step, tokens, lr, the weights in force, tokens_per_s); every
+per-step metrics since the previous report, step, tokens, lr, the weights in force, tokens_per_s) and the rung
+figures of its SAE on a fixed held-out slice (csc.pipeline.rung: heldout/..., what the scheduler compares); every
 `checkpoint_every` steps that report carries a checkpoint (trainer state and the SAE's export in sae/), from
 which Tune resumes a paused, retried or interrupted trial at the same batch. After the last step it evaluates
 on held-out tokens (CE/KL in the producer; sparse probing and feature absorption here, over the probing set and
@@ -29,6 +30,7 @@ from ray import tune
 
 from csc.config import TrainRunSpec
 from csc.pipeline import dashboard
+from csc.pipeline.rung import HeldOutSlice
 from csc.pipeline.run import evaluate_run, hook_info, training_stream
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.export import save_sae
@@ -52,24 +54,27 @@ TABLE_FIRST = ("loss", "ev", "l0", "mse")
 
 
 class TuneReport(Hook):
-    """Every report but the last goes to Tune (the last waits for the held-out figures); every
-    `checkpoint_every` steps with a checkpoint."""
+    """Every report but the last goes to Tune (the last waits for the held-out figures), with the rung figures of
+    `rungs` (csc.pipeline.rung); every `checkpoint_every` steps with a checkpoint."""
 
-    def __init__(self, spec: TrainRunSpec, scale: float, node_id: str, since: int, trainer: Trainer):
-        self.spec, self.scale, self.node_id, self.since = spec, scale, node_id, since
+    def __init__(self, spec: TrainRunSpec, scale: float, node_id: str, since: int, trainer: Trainer,
+                 rungs: HeldOutSlice):
+        self.spec, self.scale, self.node_id, self.since, self.rungs = spec, scale, node_id, since, rungs
         self.resolved = json.dumps(dict(zip(RESOLVED_FIELDS, (trainer.model.cfg.d_in, str(trainer.device),
                                                               "bf16" if trainer.use_bf16 else "fp32"))))
 
     def on_report(self, trainer: Trainer, report: Metrics) -> None:
         if not trainer.done:
             due = trainer.step % self.spec.checkpoint_every == 0
-            _report(self.tag(report), trainer if due else None, self.spec, self.scale)
+            _report(self.tag(report, trainer), trainer if due else None, self.spec, self.scale)
 
-    def tag(self, report: Metrics) -> dict[str, Any]:
+    def tag(self, report: Metrics, trainer: Trainer) -> dict[str, Any]:
+        """What Tune gets of a report: the trainer's figures, the rung figures of its SAE now, and bookkeeping."""
         # Tune's progress table shows a trial's first four metrics: these first
         first = {k: report[k] for k in TABLE_FIRST if k in report}
         # node_id: Tune's node_ip is one per machine
-        return {**first, **report, "node_id": self.node_id, SINCE: self.since, RESOLVED: self.resolved}
+        return {**first, **report, **self.rungs.figures(trainer.model), "node_id": self.node_id, SINCE: self.since,
+                RESOLVED: self.resolved}
 
 
 def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: int) -> None:
@@ -93,8 +98,9 @@ def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivat
             trainer = load_checkpoint(Path(d))
     else:
         trainer = Trainer(sae_cfg, spec.trainer)
+    # The held-out slice is read before the first batch, so that its shards do not displace training's prefetch.
     hook = TuneReport(spec, acts.scale, ray.get_runtime_context().get_node_id(), trainer.step if restored else 0,
-                      trainer)
+                      trainer, HeldOutSlice(spec, acts))
     # A trial restored from its final checkpoint (the driver died before Tune recorded it as done) trains no
     # step: its final report carries the checkpoint's last report, so it has what Optuna and ASHA read.
     if not trainer.done:
@@ -102,11 +108,12 @@ def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivat
         trainer.fit(training_stream(acts, spec.trainer.batch_size, base.trainer.seed,
                                     start=trainer.batches_consumed), [hook])
 
-    # The final report: ASHA stops a trial once it reaches trainer.steps, so nothing may come after it.
+    # The final report: ASHA stops a trial once it reaches trainer.steps, so nothing may come after it. Its rung
+    # figures first: evaluate_run moves the SAE to the CPU for good.
+    report = hook.tag(trainer.last_report, trainer)
     results, hist = evaluate_run(spec, trainer.model, acts, splice=acts.splice, labels=acts.probe_labels(),
                                  absorption=acts.absorption() if spec.eval.absorption else None)
     page = dashboard.build(spec, trainer.model, acts, results, tables=acts.logit_tables)
-    report = hook.tag(trainer.last_report)
     report.update({EVAL_PREFIX + k: v for k, v in results.items()})
     # the density histogram as data: trial workers import no matplotlib, the driver draws it (csc.sweep.outcomes)
     _report(report, trainer, spec, acts.scale, {"eval.json": json.dumps(results, indent=1), dashboard.FILE: page,

@@ -40,7 +40,8 @@ STEP_METRIC = "loss"
 """A metric of every report: its history says which steps a reopened run already has."""
 TAG_CHARS = 5000
 VIEW_COLUMNS = ("ev", "l0", "eval/explained_variance", "eval/delta_ce")
-"""Metrics the sweep's view of the runs table shows (with the objectives, the searched values and the outcome)."""
+"""Metrics the sweep's view of the runs table shows (with the objectives, the scheduler's rung figures, the searched
+values and the outcome)."""
 EXPERIMENT_KIND = "mlflow.experimentKind"
 """The experiment tag that picks the MLflow UI's view (3.x): an untagged experiment may open in the GenAI one."""
 
@@ -182,7 +183,8 @@ class MlflowTracker(Tracker):
         """The sweep's view of the MLflow runs table (runs_page_url's `view`): trials as rows, by name, with their
         outcome, the searched values and the figures that compare them. MLflow keeps a shared view as an
         experiment tag; the UI opens it from the page's viewStateShareKey."""
-        metrics = dict.fromkeys([*VIEW_COLUMNS, *(o.metric for o in spec.sweep.objectives)])
+        rungs = [f for f, _ in spec.sweep.scheduler.ranked(spec.sweep.objectives)] if spec.sweep.scheduler else []
+        metrics = dict.fromkeys([*VIEW_COLUMNS, *(o.metric for o in spec.sweep.objectives), *rungs])
         columns = ["tags.`csc.outcome`", *(f"params.`{k}`" for k in spec.sweep.search),
                    *(f"metrics.`{m}`" for m in metrics)]
         state = {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "tags.`mlflow.runName`",
