@@ -199,14 +199,19 @@ def main() -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for name, rs in runs.items():
-            ax.scatter([r["time"] for r in rs], [r["hv"] for r in rs], s=12, alpha=0.5, label=name)
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        for (name, rs), marker in zip(runs.items(), "os^DvP"):
+            xs, ys = [r["time"] for r in rs], [r["hv"] for r in rs]
+            dots = ax.scatter(xs, ys, s=8, alpha=0.25, marker=marker)
+            ax.errorbar(statistics.fmean(xs), statistics.fmean(ys), xerr=statistics.pstdev(xs),
+                        yerr=statistics.pstdev(ys), fmt=marker, ms=9, mec="k", capsize=3, label=name,
+                        color=dots.get_facecolor()[0][:3])
         ax.axhline(0.9, color="grey", lw=0.8, ls="--")
         ax.axvline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("trial time (share of that without early stopping)")
         ax.set_ylabel("hypervolume share of the final front")
-        ax.set_title(f"{args.orders} trial orders, {size} trials", fontsize=10)
+        ax.set_title(f"{args.orders} trial orders, {size} trials: each order a dot, mean ± sd a marker",
+                     fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

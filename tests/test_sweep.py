@@ -95,7 +95,7 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     assert parent.data.params["trainer.steps"] == "40"
     assert parent.data.metrics["producer.lm_shards_computed"] == LM_SHARDS
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= \
-        {"trials.csv", "trials.json", "pareto.png", "progression.png", "scheduler.json"}
+        {"trials.csv", "trials.json", "pareto.png", "progression.png", "scheduler.jsonl"}
     assert Path(client.get_experiment(result.experiment_id).artifact_location.removeprefix("file://")) == \
         in_tmp / "mlartifacts"
 

@@ -1,7 +1,6 @@
 """Successive halving on synthetic rung figures with a known front (csc.sweep.halving), no Ray."""
 
 import itertools
-import json
 import random
 
 import pytest
@@ -75,8 +74,8 @@ def test_known_front_stops_exactly_the_dominated_trials():
                                     "front 2, dominated by trial_04; placed 4 of the 5 trials at that rung, and only "
                                     "the top 1/3 (2) continue")
     assert h.stop_reason("trial_07") is None
-    assert h.record_of("trial_08")[1].dominated_by == ["trial_04"]
-    assert h.record_of("trial_03")[1].dominated_by == ["trial_01", "trial_02"]
+    assert h.record_of("trial_08").dominated_by == ["trial_04"]
+    assert h.record_of("trial_03").dominated_by == ["trial_01", "trial_02"] and h.record_of("trial_03").rung == 60
 
 
 @pytest.mark.parametrize("tie_break", ["epsilon_net", "crowding_distance"])
@@ -85,7 +84,7 @@ def test_a_trial_on_the_first_front_can_lose_the_tie_break(tie_break):
     h = _halving(tie_break=tie_break)
     assert [_judge(h, 1, 60, nmse=0.1, loc=1.0), _judge(h, 2, 60, nmse=1.0, loc=2.0),
             _judge(h, 3, 60, nmse=0.12, loc=1.05)] == [CONTINUE, STOP, STOP]
-    assert h.record_of("trial_03")[1].front == 0 and h.record_of("trial_03")[1].dominated_by == []
+    assert h.record_of("trial_03").front == 0 and h.record_of("trial_03").dominated_by == []
     assert f"on the first front, placed after the others there by the {tie_break.replace('_', ' ')}" in \
         h.stop_reason("trial_03")
 
@@ -140,10 +139,12 @@ def test_state_round_trips_through_json_and_goes_on_alike(tie_break):
     whole = _halving(grace=30, rf=2, max_t=200, tie_break=tie_break)
     split = _halving(grace=30, rf=2, max_t=200, tie_break=tie_break)
     for k, (n, step, a, b) in enumerate(arrivals):
-        if k == 10:  # the driver dies: what comes back is the JSON
-            split = SuccessiveHalving.from_state(json.loads(json.dumps(split.state())))
+        if k == 10:  # the driver dies: what comes back is the log, its last line cut short by the kill
+            split = SuccessiveHalving.from_log(split.log() + '{"rung": 60, "trial": "trial_9')
         assert _judge(whole, n, step, nmse=a, loc=b) == _judge(split, n, step, nmse=a, loc=b)
-    assert whole.state() == split.state()
+    assert whole.log() == split.log()
+    with pytest.raises(ValueError):  # a broken line that is not the last is not a kill's: refused
+        SuccessiveHalving.from_log(whole.log().replace('"rung"', '"rung', 1))
 
 
 def test_the_top_share_continues_whatever_the_arrival_order():

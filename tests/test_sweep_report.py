@@ -284,4 +284,10 @@ def test_pareto_plot_shows_an_objective_the_four_panels_lack_and_rings_the_sweep
     ringed = sorted(x for x, _ in extra.collections[1].get_offsets().tolist())
     assert ringed == pytest.approx([0.2, 0.24, 0.4])
     assert len(pareto_figure(rows).axes) == 4 + 1  # without objectives: the four panels and the gamma colour bar
-    plt.close(fig)
+    # a stopped trial is drawn at its training figures, or where it has them, at its held-out rung figures
+    offsets = [c.get_offsets().tolist() for c in visible[0].collections]
+    assert [[60.0, 0.85]] in offsets
+    rows[3]["metrics"].update({"heldout/l0": 55.0, "heldout/explained_variance": 0.7})
+    offsets = [c.get_offsets().tolist() for c in pareto_figure(rows, objectives).axes[0].collections]
+    assert [[55.0, 0.7]] in offsets and [[60.0, 0.85]] not in offsets
+    plt.close("all")

@@ -43,12 +43,13 @@ def test_decisions_survive_a_restore_from_the_starting_pickle(tmp_path, kind):
     assert live.on_trial_result(None, t1, _result(10, 0.5, 40)) == CONTINUE
     assert live.on_trial_result(None, t2, _result(10, 0.3, 45)) == STOP  # dominated by trial_01 (or just behind)
     assert live.on_trial_result(None, t1, _result(20, 0.6, 38)) == CONTINUE  # past rung 20, alone there
-    on_disk = json.loads((tmp_path / SCHEDULER_FILE).read_text())
-    assert on_disk == live.halving.state()  # written before the decisions were returned
+    on_disk = (tmp_path / SCHEDULER_FILE).read_text()
+    assert on_disk == live.halving.log()  # written before the decisions were returned, one line each
+    assert [json.loads(line)["trial"] for line in on_disk.splitlines()[1:]] == ["trial_01", "trial_02", "trial_01"]
 
     # The driver dies; Tune restores the scheduler from the starting pickle: it reads the records back.
     restored = pickle.loads(at_start)
-    assert restored.halving.state() == on_disk
+    assert restored.halving.log() == on_disk
     # trial_01 resumes from its checkpoint at step 0 and trains through both rungs again, worse this time (a GPU's
     # numerics): nothing is judged twice, the decisions stand
     assert restored.on_trial_result(None, t1, _result(10, 0.0, 90)) == CONTINUE

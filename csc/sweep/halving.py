@@ -17,12 +17,13 @@ past a rung it has not been judged at is judged there, once, against the trials 
    promotion rule this is, judged on arrival as Ray Tune's and syne-tune's asynchronous schedulers judge.
 
 A decision stands: a trial judged at a rung is never judged there again (a resumed trial that trains through the
-rung again gets the same decision), and a trial stopped at a rung stays stopped. The records (`state()`, JSON) are
-everything the scheduler knows, so a sweep resumed after its driver died goes on from them.
+rung again gets the same decision), and a trial stopped at a rung stays stopped. The records (`log()`, JSON lines, one
+per decision) are everything the scheduler knows, so a sweep resumed after its driver died goes on from them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +36,8 @@ TieBreak = Literal["epsilon_net", "crowding_distance"]
 class Record:
     """One trial judged at one rung."""
 
+    rung: int
+    """The rung's step."""
     trial: str
     """The trial's name (trial_NN: kept by a trial that Tune runs again from its start after a driver died, where
     its id is new)."""
@@ -134,6 +137,8 @@ class SuccessiveHalving:
         self.figures, self.reduction_factor, self.tie_break = [tuple(f) for f in figures], reduction_factor, tie_break
         self.grace_period, self.max_t = grace_period, max_t
         self.rungs: dict[int, list[Record]] = {m: [] for m in milestones(grace_period, reduction_factor, max_t)}
+        self.last: Record | None = None
+        """The latest record made (by `judge`)."""
 
     def _sign(self, figures: dict[str, float]) -> list[float]:
         return [figures[name] if mode == "min" else -figures[name] for name, mode in self.figures]
@@ -159,27 +164,23 @@ class SuccessiveHalving:
         place, n = order.index(len(records)), len(points)
         decision = CONTINUE if place < n / self.reduction_factor else STOP
         by = [r.trial for r, p in zip(records, points) if dominates(p, points[-1])]
-        records.append(Record(trial, step, figures, decision, place, n, front_of[-1], by))
+        self.last = Record(milestone, trial, step, figures, decision, place, n, front_of[-1], by)
+        records.append(self.last)
         return decision
 
     @property
     def n_records(self) -> int:
         return sum(len(records) for records in self.rungs.values())
 
-    def record_of(self, trial: str) -> tuple[int, Record] | None:
-        """The rung and record where the trial was stopped, or None."""
-        for m, records in self.rungs.items():
-            for r in records:
-                if r.trial == trial and r.decision == STOP:
-                    return m, r
-        return None
+    def record_of(self, trial: str) -> Record | None:
+        """The record of the rung where the trial was stopped, or None."""
+        return next((r for rs in self.rungs.values() for r in rs if r.trial == trial and r.decision == STOP), None)
 
     def stop_reason(self, trial: str) -> str | None:
         """Why the trial was stopped, in one line (None if it was not)."""
-        found = self.record_of(trial)
-        if found is None:
+        r = self.record_of(trial)
+        if r is None:
             return None
-        m, r = found
         figs = ", ".join(f"{name} {r.figures[name]:.4g}" for name, _ in self.figures)
         kept = math.ceil(r.of / self.reduction_factor)
         if len(self.figures) == 1:
@@ -188,7 +189,7 @@ class SuccessiveHalving:
             why = f"on front {r.front + 1}, dominated by {', '.join(r.dominated_by)}"
         else:
             why = f"on the first front, placed after the others there by the {self.tie_break.replace('_', ' ')}"
-        return (f"stopped at the rung at step {m} (reported at step {r.step}): {figs}; {why}; placed {r.place + 1} "
+        return (f"stopped at the rung at step {r.rung} (reported at step {r.step}): {figs}; {why}; placed {r.place + 1} "
                 f"of the {r.of} trials at that rung, and only the top 1/{self.reduction_factor:g} ({kept}) continue")
 
     def decisions(self) -> list[str]:
@@ -207,15 +208,30 @@ class SuccessiveHalving:
                              f"  [{figs}]{ahead}")
         return lines
 
-    def state(self) -> dict[str, Any]:
-        return {"figures": [list(f) for f in self.figures], "grace_period": self.grace_period,
-                "reduction_factor": self.reduction_factor, "max_t": self.max_t, "tie_break": self.tie_break,
-                "rungs": [{"step": m, "records": [vars(r) for r in records]} for m, records in self.rungs.items()]}
+    def header(self) -> str:
+        """The first line of the decision log: the settings."""
+        return json.dumps({"figures": [list(f) for f in self.figures], "grace_period": self.grace_period,
+                           "reduction_factor": self.reduction_factor, "max_t": self.max_t,
+                           "tie_break": self.tie_break})
+
+    def log(self) -> str:
+        """The whole decision log (JSON lines: the header, then one record per line, rung by rung)."""
+        return "".join(line + "\n" for line in [self.header(), *(json.dumps(vars(r)) for rs in self.rungs.values()
+                                                                  for r in rs)])
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "SuccessiveHalving":
-        out = cls([tuple(f) for f in state["figures"]], state["grace_period"], state["reduction_factor"],
-                  state["max_t"], state["tie_break"])
-        for rung in state["rungs"]:
-            out.rungs[rung["step"]] = [Record(**r) for r in rung["records"]]
+    def from_log(cls, text: str) -> "SuccessiveHalving":
+        """The scheduler a decision log describes. A last line cut short (the writer killed mid-line) is left out."""
+        lines = [line for line in text.splitlines() if line.strip()]
+        settings = json.loads(lines[0])
+        out = cls([tuple(f) for f in settings["figures"]], settings["grace_period"], settings["reduction_factor"],
+                  settings["max_t"], settings["tie_break"])
+        for n, line in enumerate(lines[1:], start=2):
+            try:
+                record = Record(**json.loads(line))
+            except ValueError:
+                if n == len(lines):
+                    break
+                raise
+            out.rungs[record.rung].append(record)
         return out

@@ -9,8 +9,10 @@ STATE_FILE = "csc_sweep.json"
 """The resolved spec, where the tracker records the sweep, and at the end the producer's counters."""
 TRIALS_FILE = "trials.json"
 """One row per trial (csc.sweep.outcomes.trial_row): what `csc report` reads."""
-SCHEDULER_FILE = "scheduler.json"
-"""The scheduler's rungs and every decision made at them (csc.sweep.halving.SuccessiveHalving.state)."""
+SCHEDULER_FILE = "scheduler.jsonl"
+"""Every decision the scheduler made, one JSON line each after a header of its settings
+(csc.sweep.halving.SuccessiveHalving.log). Not *.json: Tune writes a restored sweep's *.json files back over the
+sweep folder as they were at the restore (csc.sweep.scheduler)."""
 
 
 def trial_name(trial: Any) -> str:

@@ -11,9 +11,9 @@ A Tune callback (TrialRecords, on the driver) writes, as trials end:
     trial_NN/error.txt   a failed trial's traceback
 and, when the sweep ends, its reports (csc.sweep.report): trials.json (what `csc report` reads), trials.csv,
 pareto.png, progression.png and, where configurations ran over several seeds, configs.json and configs.csv (each
-configuration's mean and spread over its seeds); the scheduler's decisions (scheduler.json, csc.sweep.scheduler)
-go with them to the tracker. Each of those is then handed to the tracker, if the sweep has one
-(csc.sweep.tracking); the files never wait for it.
+configuration's mean and spread over its seeds). Each of those, and the scheduler's decisions (scheduler.jsonl,
+csc.sweep.scheduler) where it made any, is then handed to the tracker, if the sweep has one (csc.sweep.tracking);
+the files never wait for it.
 
 A trial's outcome: finished (trained all its steps), stopped_early (the scheduler stopped it, see
 csc.sweep.scheduler), failed (the reason is the error's line), or running (not ended, or ended by an

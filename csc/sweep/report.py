@@ -200,12 +200,15 @@ def pareto_figure(rows: list[dict], objectives: list[tuple[str, str]] | None = N
     by_config = repeated(configs)
     finished = [c for c in configs if c["outcome"] == "finished"] if by_config else \
         [r for r in rows if r.get("outcome") == "finished"]
-    # Held-out figures for finished trials; stopped-early trials only have their last training-batch averages,
-    # so they are drawn apart and kept out of the front.
+    # Held-out figures for finished trials; stopped-early trials have those of their last report only, on the rung
+    # slice (sweeps before rung figures: the training-batch averages), so they are drawn apart, out of the front.
     early = [r for r in rows if r.get("outcome") == "stopped_early"]
+    rung = bool(early) and all(_raw(r, "heldout/explained_variance") is not None for r in early)
+    early_label = "stopped early (held-out rung figures, last report)" if rung else \
+        "stopped early (training batch figures)"
     l0 = "L0 (active latents per token)"
-    panels = [("(a) explained variance", xy(finished, "eval/l0", "eval/explained_variance"), xy(early, "l0", "ev"),
-               True, l0),
+    panels = [("(a) explained variance", xy(finished, "eval/l0", "eval/explained_variance"),
+               xy(early, "heldout/l0", "heldout/explained_variance") if rung else xy(early, "l0", "ev"), True, l0),
               ("(b) CE loss recovered", xy(finished, "eval/l0", "eval/ce_loss_recovered"), [], True, l0),
               ("(c) delta CE (nats)", xy(finished, "eval/l0", "eval/delta_ce"), [], False, l0),
               ("(d) KL(clean || SAE)", xy(finished, "eval/l0", "eval/kl_spliced"), [], False, l0)]
@@ -248,7 +251,7 @@ def pareto_figure(rows: list[dict], objectives: list[tuple[str, str]] | None = N
             ax.scatter([p[0] for p in early], [p[1] for p in early], marker="s", s=45, linewidths=1.3, zorder=3,
                        facecolors="none", edgecolors=[colour(p[2], "tab:orange") for p in early])
             handles.append(Line2D([], [], ls="", marker="s", mfc="none", mec=colour({}, "tab:orange"),
-                                  label="stopped early (training batch figures)"))
+                                  label=early_label))
         for x, y, r, _, _ in fin + early:
             name = _short(str(r["trial"])) if "trial" in r else "c" + _short(str(r["config"]))
             ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)

@@ -7,7 +7,7 @@ trial's result.json and checkpoints) plus:
     trials.json, trials.csv, pareto.png, progression.png   the sweep's reports (also on the parent run), and
                      configs.json, configs.csv where configurations ran over several seeds
     trial_NN/sae/, curves.png, error.txt                   what each trial's MLflow run also holds
-    scheduler.json   every early-stopping decision (csc.sweep.scheduler), read back by --resume
+    scheduler.jsonl  every early-stopping decision (csc.sweep.scheduler), read back by --resume
     mlflow_unsent.json   only if MLflow still failed at the end: the records it never received
 csc.sweep.outcomes writes those files, tracker or not; csc.sweep.tracking.mlflow makes the MLflow runs.
 """

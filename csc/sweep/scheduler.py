@@ -2,9 +2,12 @@
 one) as a Ray Tune scheduler, or FIFO when the spec has none.
 
 Tune rebuilds a restored sweep's scheduler from the pickle it made at the start (tuner.pkl), without anything it
-learnt since (ray-project/ray#30838), so this one keeps its rungs in the sweep folder (scheduler.json, written
-before each decision is returned) and reads them back when it is unpickled: every decision made before a driver
-died stands after --resume, and later trials are compared with the records made before the kill.
+learnt since (ray-project/ray#30838), so this one keeps its decisions in the sweep folder (scheduler.jsonl: a
+header, then one JSON line per decision, appended and flushed to disk before the decision is returned) and reads
+them back when it is unpickled: every decision made before a driver died stands after --resume, and later trials
+are compared with the records made before the kill. The log is appended to where it lies, in the sweep folder:
+Tune copies a restored experiment's *.json and *.pkl files to a staging folder and later writes them back over the
+sweep folder, which would put back a decision log as it was at the restore (a .jsonl file it leaves alone).
 """
 
 from __future__ import annotations
@@ -30,16 +33,18 @@ class RungScheduler(FIFOScheduler):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        if Path(self.path).is_file():  # a restored sweep: its records, not the pickle's empty rungs
-            self.halving = SuccessiveHalving.from_state(json.loads(Path(self.path).read_text()))
+        if Path(self.path).is_file():  # a restored sweep: its decisions, not the pickle's empty rungs
+            self.halving = SuccessiveHalving.from_log(Path(self.path).read_text())
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
-        before = self.halving.n_records
+        before = self.halving.last
         decision = self.halving.judge(trial_name(trial), int(result.get("step", 0)), result)
-        if self.halving.n_records != before:  # a new decision: on disk before Tune acts on it
-            tmp = Path(f"{self.path}.tmp")
-            tmp.write_text(json.dumps(self.halving.state(), indent=1))
-            os.replace(tmp, self.path)
+        if self.halving.last is not before:  # a new decision: on disk before Tune acts on it
+            new = not Path(self.path).is_file()
+            with open(self.path, "a") as log:
+                log.write((self.halving.header() + "\n" if new else "") + json.dumps(vars(self.halving.last)) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
         return TrialScheduler.STOP if decision == STOP else TrialScheduler.CONTINUE
 
     def debug_string(self) -> str:
@@ -47,9 +52,9 @@ class RungScheduler(FIFOScheduler):
 
 
 def load_halving(sweep_dir: str | Path) -> SuccessiveHalving | None:
-    """The scheduler's records in a sweep folder (None if the sweep has none: no scheduler, or no report yet)."""
+    """The scheduler's records in a sweep folder (None if the sweep has none: no scheduler, or no decision yet)."""
     path = Path(sweep_dir) / SCHEDULER_FILE
-    return SuccessiveHalving.from_state(json.loads(path.read_text())) if path.is_file() else None
+    return SuccessiveHalving.from_log(path.read_text()) if path.is_file() else None
 
 
 def stop_reason(sweep_dir: str | Path, trial: str) -> str | None:

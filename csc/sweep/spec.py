@@ -149,7 +149,7 @@ class SchedulerSpec(Spec):
     """Asynchronous successive halving (csc.sweep.halving): rungs at grace_period * reduction_factor^k steps, below
     trainer.steps; a trial that reaches a rung is ranked against the trials that reached it before, and continues
     only if it is in the top 1/reduction_factor of them (itself included). Its decision at a rung stands, across a
-    resume too (the rungs' records are kept in the sweep folder, scheduler.json)."""
+    resume too (its decisions are kept in the sweep folder, scheduler.jsonl)."""
 
     type: Literal["mo-asha", "asha"] = "mo-asha"
     """mo-asha: the trials are ordered by non-dominated sorting on several figures (`figures`), ties within a front
