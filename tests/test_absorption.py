@@ -209,7 +209,9 @@ def test_absorption_figures_are_objectives_only_where_measured(tmp_path):
     assert keys <= set(HELD_OUT) and keys <= held_out(CorpusSpec())
     assert keys.isdisjoint(held_out(CorpusSpec(), EvalSpec(absorption=False)))
     data = {"model": {"name": "tiny-gemma2"}, "sae": {"dict_size": 64}, "trainer": {"steps": 200},
-            "sweep": {"objectives": [{"metric": "eval/absorption_fraction", "mode": "min"}]}}
+            # absorption has no rung figure: the rungs rank on one the spec names
+            "sweep": {"objectives": [{"metric": "eval/absorption_fraction", "mode": "min"}],
+                      "scheduler": {"figures": [{"metric": "heldout/normalized_mse"}]}}}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
     assert load_spec(SweepSpec, path).sweep.objectives[0].metric == "eval/absorption_fraction"
