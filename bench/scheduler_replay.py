@@ -8,8 +8,8 @@ Input: sweep folders whose every trial ran to its last step (scheduler: null) an
 orders (seed 0): `--workers` trials run at once, a trial starts when a worker is free (in the order drawn), each of
 its reports arrives when its own measured time says (Tune's time_total_s: its training, rung figures and, for the
 last report, its final evaluation, as the full-budget sweep measured them), and at each report the scheduler
-(csc.sweep.halving, as the sweep runs it) sees that report and may stop the trial. With `--subset K`, each order draws K of the trials (a sweep of K trials, the
-quickstart's size) and is measured against those K. Schedulers (rungs at grace_period * rf^k, `--grace`, `--rf`):
+(csc.sweep.halving, as the sweep runs it) sees that report and may stop the trial. With `--subset K`, each order
+draws K of the trials (a sweep of K trials, the quickstart's size) and is measured against those K. Schedulers (rungs at grace_period * rf^k, `--grace`, `--rf`):
 
     none           every trial to its last step
     ASHA, ev       one figure: the training EV (the average over the training batches since the last report)

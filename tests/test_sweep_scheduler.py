@@ -63,7 +63,8 @@ def test_decisions_survive_a_restore_from_the_starting_pickle(tmp_path, kind):
     assert rung10 == [("trial_01", 10, "continue", 0), ("trial_02", 10, "stop", 1), ("trial_03", 10, "continue", 1),
                       ("trial_04", 10, "stop", 3)]
     assert stop_reason(tmp_path, "trial_04").startswith("stopped at the rung at step 10 (reported at step 10)")
-    assert "trial_01, trial_02, trial_03" in stop_reason(tmp_path, "trial_04") and stop_reason(tmp_path, "trial_03") is None
+    assert "trial_01, trial_02, trial_03" in stop_reason(tmp_path, "trial_04")
+    assert stop_reason(tmp_path, "trial_03") is None
 
 
 def test_no_scheduler_means_fifo_and_no_records(tmp_path):

@@ -258,8 +258,8 @@ def test_dry_run_checks_what_the_sweep_checks_prints_the_plan_and_writes_nothing
     lines = out.splitlines()
     assert lines[0] == f"dry run of sweep 's': would write {tmp_path.resolve() / 'runs' / 's'}"
     assert "  trainer.beta: loguniform in [0.001, 0.1]" in lines and "  sae.dict_size: one of [64, 128]" in lines
-    assert "objectives: ev (max); MO-ASHA on heldout/explained_variance (max), ties by crowding distance; rungs at steps " \
-        "10, 20 of 40, the top 1/2 of each continue" in lines
+    assert "objectives: ev (max); MO-ASHA on heldout/explained_variance (max), ties by crowding distance; rungs at " \
+        "steps 10, 20 of 40, the top 1/2 of each continue" in lines
     assert any(line.startswith("concurrency: 2 trials at once, each 1 CPU, 0 GPU; 1 producer(s)") for line in lines)
     assert "tokens: 40 steps x 64 = 2,560 trained tokens per trial, 20,480 in all" in lines
     acts = Activations(load_spec(SweepSpec, path).trial({}))

@@ -189,8 +189,9 @@ class SuccessiveHalving:
             why = f"on front {r.front + 1}, dominated by {', '.join(r.dominated_by)}"
         else:
             why = f"on the first front, placed after the others there by the {self.tie_break.replace('_', ' ')}"
-        return (f"stopped at the rung at step {r.rung} (reported at step {r.step}): {figs}; {why}; placed {r.place + 1} "
-                f"of the {r.of} trials at that rung, and only the top 1/{self.reduction_factor:g} ({kept}) continue")
+        return (f"stopped at the rung at step {r.rung} (reported at step {r.step}): {figs}; {why}; placed "
+                f"{r.place + 1} of the {r.of} trials at that rung, and only the top 1/{self.reduction_factor:g} "
+                f"({kept}) continue")
 
     def decisions(self) -> list[str]:
         """Every decision, rung by rung in the order made: a table for people (`csc report`)."""

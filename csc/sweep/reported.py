@@ -47,8 +47,8 @@ RUNG_OF: dict[str, str] = {
 """The rung figure that stands for an objective at the scheduler's rungs (MO-ASHA's default figures): what the
 SAE costs the LM (delta CE, KL, CE loss recovered and SAEBench's) and every reconstruction figure by the held-out
 normalised MSE, the closest figure without the LM (a loose one: across the quickstart's search space it does not
-order delta CE, bench/README.md section 10); each other figure that the slice measures by itself. Sparse probing, feature
-absorption and the other training metrics have none: a sweep that optimises them names its rung figures
+order delta CE, bench/README.md section 10); each other figure that the slice measures by itself. Sparse probing,
+feature absorption and the other training metrics have none: a sweep that optimises them names its rung figures
 (sweep.scheduler.figures)."""
 
 GRAD_SHARE = "nce_grad_share"
