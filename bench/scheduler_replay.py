@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from csc.sweep.halving import STOP, SuccessiveHalving, dominates
+from csc.sweep.halving import STOP, SuccessiveHalving, fronts, scaled
 from csc.sweep.layout import STATE_FILE
 from csc.pipeline.rung import FIGURES, PREFIX
 from csc.sweep.reported import RUNG_OF
@@ -80,13 +80,10 @@ def hypervolume(points: list[list[float]], ref: list[float]) -> float:
     return total
 
 
-def scaled(trials: list[dict], objectives: list[tuple[str, str]]) -> dict[str, list[float]]:
-    """Each trial's objectives, lower is better, scaled to [0, 1] over `trials`."""
-    signed = {t["name"]: [t["final"][m] if mode == "min" else -t["final"][m] for m, mode in objectives]
-              for t in trials}
-    cols = list(zip(*signed.values()))
-    lo, hi = [min(c) for c in cols], [max(c) for c in cols]
-    return {n: [(v - a) / (b - a) if b > a else 0.0 for v, a, b in zip(p, lo, hi)] for n, p in signed.items()}
+def objective_points(trials: list[dict], objectives: list[tuple[str, str]]) -> dict[str, list[float]]:
+    """Each trial's objectives, lower is better, scaled to [0, 1] over `trials` (as the rungs scale theirs)."""
+    signed = [[t["final"][m] if mode == "min" else -t["final"][m] for m, mode in objectives] for t in trials]
+    return dict(zip((t["name"] for t in trials), scaled(signed)))
 
 
 def replay(trials: list[dict], make: Callable[[], SuccessiveHalving | None], workers: int, rng: random.Random
@@ -154,10 +151,10 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in schedulers}
     for _ in range(args.orders):
         pool = rng.sample(trials, args.subset) if args.subset else rng.sample(trials, len(trials))
-        points = scaled(pool, objectives)
+        points = objective_points(pool, objectives)
         ref = [1.1] * len(objectives)
         full = hypervolume(list(points.values()), ref)
-        front = {n for n, p in points.items() if not any(dominates(q, p) for q in points.values())}
+        front = {list(points)[i] for i in fronts(list(points.values()))[0]}
         contrastive = {t["name"] for t in pool if t["params"].get("trainer.gamma", 0) > 0}
         seed = rng.random()
         for name, make in schedulers.items():

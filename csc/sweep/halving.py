@@ -70,7 +70,7 @@ def fronts(points: list[list[float]]) -> list[list[int]]:
     return out
 
 
-def _scaled(points: list[list[float]]) -> list[list[float]]:
+def scaled(points: list[list[float]]) -> list[list[float]]:
     """Each figure scaled to [0, 1] over `points` (0 where all are equal)."""
     cols = list(zip(*points))
     lo, hi = [min(c) for c in cols], [max(c) for c in cols]
@@ -110,10 +110,10 @@ TIE_BREAKS = {"epsilon_net": epsilon_net, "crowding_distance": crowding_distance
 def rank(points: list[list[float]], tie_break: TieBreak = "crowding_distance") -> tuple[list[int], list[int]]:
     """(the order of `points`, lower is better: fronts in turn, each ordered by `tie_break` on the scaled figures;
     the front of each point)."""
-    scaled = _scaled(points)
+    unit = scaled(points)
     order, front_of = [], [0] * len(points)
     for k, front in enumerate(fronts(points)):
-        order += TIE_BREAKS[tie_break](scaled, front)
+        order += TIE_BREAKS[tie_break](unit, front)
         for i in front:
             front_of[i] = k
     return order, front_of
@@ -146,11 +146,10 @@ class SuccessiveHalving:
     def judge(self, trial: str, step: int, result: dict[str, Any]) -> str:
         """CONTINUE or STOP for a trial that reported `result` at `step` (at its last step, max_t, there is nothing
         left to stop: it is not judged)."""
+        stopped = self.record_of(trial)
+        if stopped is not None and stopped.rung <= step:
+            return STOP
         reached = [m for m in self.rungs if m <= step]
-        for m in reached:
-            mine = [r for r in self.rungs[m] if r.trial == trial]
-            if mine and mine[0].decision == STOP:
-                return STOP
         if not reached or step >= self.max_t or any(r.trial == trial for r in self.rungs[reached[-1]]):
             return CONTINUE
         milestone = reached[-1]
