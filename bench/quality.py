@@ -1,7 +1,7 @@
-"""Quality at a matched token budget: csc (gamma > 0), csc (gamma = 0), TopK, BatchTopK, JumpReLU and SAELens's
-standard SAE, each over a small sparsity sweep, trained on the same cached activations in the same order and scored by
-the same evaluation (held-out explained variance and L0, CE loss recovered with delta CE and KL with the SAE spliced
-in).
+"""Quality at a matched token budget: csc (gamma > 0), csc (gamma = 0), TopK, BatchTopK, Matryoshka BatchTopK,
+JumpReLU and SAELens's standard SAE, each over a small sparsity sweep, trained on the same cached activations in the
+same order and scored by the same evaluation (held-out explained variance and L0, CE loss recovered with delta CE and
+KL with the SAE spliced in).
 
     python bench/quality.py                  # embedded model, the quickstart's layer; writes bench/quality_pareto.png
     python bench/quality.py --only TopK SAELens --ks 8 16   # part of it
@@ -14,6 +14,8 @@ Methods (every one: dictionary 2048, batch 512, the same `--steps`, lr 3e-4 with
   TopK              csc's TopK architecture (k swept), no LayerNorm, no L1: Gao et al.'s recipe
   BatchTopK         csc's BatchTopK (k swept; Bussmann et al.), no LayerNorm; scored at inference, with its
                     learned global threshold
+  Matryoshka BatchTopK   csc's matryoshka_batchtopk (k swept; Bussmann et al. 2025), no LayerNorm, the default
+                    nested prefixes (128, 256, 512, 1024 and 2048 latents each trained to reconstruct)
   JumpReLU          csc's JumpReLU (Rajamanoharan et al., Gemma Scope), no LayerNorm, its L0 weight steered to
                     each --l0s target
   SAELens standard  sae_lens.SAETrainer on StandardTrainingSAE (L1 weighted by decoder norms, swept), fed the
@@ -171,7 +173,7 @@ def main() -> None:
             spec, acts, "relu", layer_norm=False, target_l0=t, gamma=0.0)) for t in a.l0s],
         **{name: [(f"k {k}", lambda k=k, arch=arch: train_csc(spec, acts, arch, layer_norm=False, sae={"k": k},
                                                               beta=0.0, gamma=0.0)) for k in a.ks]
-           for name, arch in (("TopK", "topk"), ("BatchTopK", "batchtopk"))},
+           for name, arch in (("TopK", "topk"), ("BatchTopK", "batchtopk"), ("Matryoshka BatchTopK", "matryoshka_batchtopk"))},
         f"JumpReLU (beta {a.jump_beta:g})": [
             (f"target L0 {t:g}", lambda t=t: train_csc(spec, acts, "jumprelu", layer_norm=False, target_l0=t,
                                                         beta=a.jump_beta, gamma=0.0)) for t in a.l0s],

@@ -143,6 +143,43 @@ def test_contrastive_grid_pairs_with_the_twin_named_by_against(tmp_path):
     assert [line.split("|")[4].strip() for line in paired.splitlines() if line.startswith("| 0")] == ["0", "0"]
 
 
+def test_scale_study_lines_up_budgets_and_pairs_each_trial_with_its_twin(tmp_path):
+    """bench/scale_study.py: one row per setting and budget (steps x batch), gamma = 0 trials one setting whatever their
+    tau and pairing, paired differences against the twin of the same architecture, budget and seed; the plot."""
+    import json
+
+    def row(steps, gamma, tau, pairing, seed, dce, arch="relu"):
+        return {"trial": f"t{steps}{gamma}{tau}{pairing}{seed}{arch}", "outcome": "finished",
+                "params": {"trainer.gamma": gamma, "trainer.temperature": tau, "activations.pairing": pairing,
+                           "trainer.seed": seed, "sae.architecture": arch},
+                "metrics": {"eval/delta_ce": dce, "eval/l0": 60.0, "eval/context_locality": 0.5 + gamma,
+                            "eval/nce": 6.0 - gamma}}
+
+    dirs = []
+    for steps in (160, 2560):
+        d = tmp_path / f"s{steps}"
+        d.mkdir()
+        spec = {"spec": {"trainer": {"steps": steps, "batch_size": 512, "seed": 0}, "sweep": {"method": "grid"}}}
+        (d / "csc_sweep.json").write_text(json.dumps(spec))
+        base = 3.5 if steps == 160 else 0.6
+        rows = [row(steps, 0.0, 1.0, "similar_attention", s, base + 0.01 * s) for s in range(3)]
+        rows += [row(steps, 0.1, 1.0, "previous", s, base + 0.3 + 0.02 * s) for s in range(3)]
+        rows.append(row(steps, 0.0, 1.0, "similar_attention", 0, base - 0.2, arch="topk"))
+        (d / "trials.json").write_text(json.dumps(rows))
+        dirs.append(str(d))
+    png = tmp_path / "scale.png"
+    out = run("scale_study.py", *dirs, "--plot", str(png))
+    lines = {tuple(c.strip() for c in line.split("|")[1:4]): [c.strip() for c in line.split("|")[4:-1]]
+             for line in out.splitlines() if line.startswith("| relu") or line.startswith("| topk")}
+    assert lines[("relu", "81,920", "3")][0] == "3.510 ± 0.010"
+    assert lines[("relu", "1,310,720", "3")][0] == "0.610 ± 0.010"
+    assert lines[("topk", "1,310,720", "1")][0] == "0.400 ± 0.000"
+    paired = out.split("Paired differences")[1]
+    diff = [line for line in paired.splitlines() if line.startswith("| relu, gamma 0.1, tau 1, previous | 1,310,720")]
+    assert [c.strip() for c in diff[0].split("|")][3:5] == ["3", "0.310 ± 0.010"]  # 0.3 + 0.01 * seed per pair
+    assert png.stat().st_size > 10_000
+
+
 def test_saebench_crosscheck_runs_its_help_and_table_without_saebench():
     # the script itself runs in a separate SAEBench venv (bench/saebench_env.sh); here only what needs neither
     out = run("saebench_crosscheck.py", "--help")
@@ -324,3 +361,33 @@ def test_rung_slice_on_the_tiny_model(tmp_path):
               "--reference", "4", cache=tmp_path / "cache")
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
     assert rows[:3] == ["figure", "explained_variance", "explained_variance"] and rows[-4:] == ["C", "2", "3", "4"]
+
+
+def test_eval_noise_on_two_tiny_runs(tmp_path):
+    """bench/eval_noise.py: per-context CE/KL of each SAE, whose mean is `csc eval`'s pooled figure, and the table of
+    the seed spread against the standard errors of one SAE and of a paired difference."""
+    import json
+
+    from csc.config import TrainRunSpec
+    from csc.pipeline.run import train_run
+    from csc.spec_loader import load_spec
+
+    tiny = ["model.name=tiny-gemma2", "activations.layer=2", "activations.context_length=32",
+            "activations.contexts_per_shard=8", "activations.train_tokens=512", "activations.eval_tokens=256",
+            f"activations.cache_dir={tmp_path / 'cache'}", "sae.dict_size=32", "trainer.steps=8",
+            "trainer.batch_size=32", "trainer.lr_warmup_steps=2", "trainer.beta_warmup_steps=2",
+            "trainer.gamma_warmup_steps=2", "trainer.log_every=4", "eval.ce_contexts=4", "eval.absorption=false",
+            "eval.probe_examples_per_class=16"]
+    runs = []
+    for name, seed, gamma in (("seed0", 0, 0.0), ("seed1", 1, 0.0), ("gamma", 0, 0.5)):  # two twins; one paired
+        spec = load_spec(TrainRunSpec, None, [*tiny, f"trainer.seed={seed}", f"trainer.gamma={gamma}"])
+        train_run(spec, tmp_path / name)
+        runs.append(tmp_path / name)
+    out = run("eval_noise.py", str(runs[0]), str(runs[1]), "--paired", str(runs[2]), "--contexts", "4",
+              cache=tmp_path / "cache")
+    pooled = json.loads((runs[0] / "eval.json").read_text())
+    first = next(line for line in out.splitlines() if line.startswith(f"{runs[0]} (seed 0)"))
+    assert f"delta_ce {pooled['delta_ce']:.4f}" in first  # the per-context mean is the pooled figure
+    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert set(table) == {"figure", "delta_ce", "kl_spliced"}
+    assert len(table["delta_ce"][1].split("/")) == 3 and table["delta_ce"][2].strip() != "-"

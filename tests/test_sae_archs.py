@@ -11,8 +11,10 @@ from csc.errors import CscError
 from csc.sae.archs import ARCHITECTURES, build_sae, sae_class
 from csc.sae.archs.batchtopk import BatchTopKConfig
 from csc.sae.archs.jumprelu import JumpReluConfig
+from csc.sae.archs.matryoshka import MatryoshkaConfig
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.config import TrainerConfig, parse_sae_config
+from csc.sae.losses import PrefixReconstruction, StepInputs
 from csc.sae.metrics import l0, mse
 from csc.sae.model import ForwardOutput, SparseAutoencoder
 from csc.sae.synthetic import sparse_dictionary_batches
@@ -241,11 +243,65 @@ def test_raising_beta_lowers_jumprelu_l0():
     assert l0s[1.0] < l0s[0.0] - 2
 
 
+# ---------------------------------------------------------------------------------------------- matryoshka
+
+
+def test_matryoshka_widths_nest_and_default_to_doubling_prefixes():
+    assert MatryoshkaConfig(d_in=D, dict_size=2048).widths() == [128, 256, 512, 1024, 2048]
+    assert MatryoshkaConfig(d_in=D, dict_size=DICT, k=4).widths() == [3, 6, 12, 24, 48]
+    assert MatryoshkaConfig(d_in=D, dict_size=DICT, k=4, matryoshka_widths=[8, DICT]).widths() == [8, DICT]
+    assert build_sae(MatryoshkaConfig(d_in=D, dict_size=DICT, k=4, matryoshka_widths=[8, DICT])).prefix_widths() == [8]
+    for widths, message in (([8, 24], "must end at sae.dict_size"), ([24, 8, DICT], "strictly increasing"),
+                            ([0, DICT], "positive"), ([8, 8, DICT], "strictly increasing"), ([], "must end")):
+        with pytest.raises(ValidationError, match=message):
+            MatryoshkaConfig(d_in=D, dict_size=DICT, k=4, matryoshka_widths=widths)
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_matryoshka_prefix_loss_is_the_summed_mse_of_each_inner_prefix(layer_norm):
+    sae = with_random_b_enc(build_sae(MatryoshkaConfig(d_in=D, dict_size=DICT, k=6, layer_norm=layer_norm,
+                                                       matryoshka_widths=[5, 17, 30, DICT])))
+    with torch.no_grad():
+        sae.b_dec.copy_(rand(D, seed=4))
+    sae.train()
+    x = rand(12, D, seed=5) * 3 + 1
+    out = sae(x)
+    expected = 0.0
+    for w in (5, 17, 30):
+        z = out.z.clone()
+        z[:, w:] = 0  # the prefix's reconstruction is the full one with the later latents silenced
+        x_hat = sae.decode(z, x if layer_norm else None)
+        expected += ((x - x_hat) ** 2).mean().item()
+    term = PrefixReconstruction(TrainerConfig(steps=1), sae.prefix_widths())
+    value = term(StepInputs(batch=None, out=out, model=sae, dead=None, encode=None))
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(sae.decode_prefixes(out.z, x, [DICT])[0], out.x_hat, atol=1e-5)  # all of it: the SAE
+
+
+def test_matryoshka_trains_its_first_prefix_to_reconstruct_on_its_own():
+    """The architecture's point: at the same seed, data and k, the first group of latents alone reconstructs far
+    better than the same latents of a BatchTopK SAE, at a small cost to the full reconstruction."""
+    widths, batches = [12, DICT], data(400)
+    prefix_mse, full_mse = {}, {}
+    for arch in ("batchtopk", "matryoshka_batchtopk"):
+        fields = {"matryoshka_widths": widths} if arch != "batchtopk" else {}
+        trainer = Trainer(sae_config(arch, D, DICT, k=4, **fields), tcfg(400))
+        fit(trainer, batches)
+        model = trainer.model.eval()
+        x = torch.cat([b.anchors for b in data(4, seed=9)])
+        with torch.no_grad():
+            out = model(x)
+            prefix_mse[arch] = mse(x, model.decode_prefixes(out.z, x, widths[:1])[0]).item()
+            full_mse[arch] = mse(x, out.x_hat).item()
+    assert prefix_mse["matryoshka_batchtopk"] < 0.8 * prefix_mse["batchtopk"], prefix_mse  # measured: 0.47 vs 0.71
+    assert full_mse["matryoshka_batchtopk"] < 1.2 * full_mse["batchtopk"], full_mse  # measured: 0.36 vs 0.38
+
+
 # ---------------------------------------------------------------------------------------------- registry
 
 
 def test_the_registry_names_each_architecture_by_its_config():
-    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu"}
+    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"}
     for name, cls in ARCHITECTURES.items():
         assert sae_class(name) is cls and issubclass(cls, SparseAutoencoder)
         assert cls.config_class.model_fields["architecture"].default == name
@@ -274,7 +330,8 @@ def test_every_architecture_trains_with_info_nce(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_sae_config_round_trips(arch):
     non_default = {"relu": {}, "topk": {"k": 5}, "batchtopk": {"k": 5, "threshold_rate": 0.2},
-                   "jumprelu": {"bandwidth": 0.1, "threshold_init": 0.05}}[arch]
+                   "jumprelu": {"bandwidth": 0.1, "threshold_init": 0.05},
+                   "matryoshka_batchtopk": {"k": 5, "matryoshka_widths": [8, 20, DICT]}}[arch]
     for cfg in (sae_config(arch, D, DICT), sae_config(arch, D, DICT, layer_norm=False, **non_default)):
         back = parse_sae_config(cfg.model_dump())
         assert type(back) is type(cfg) and back == cfg
@@ -283,9 +340,9 @@ def test_sae_config_round_trips(arch):
 
 
 def test_unknown_architectures_are_refused_listing_the_known_ones():
-    with pytest.raises(CscError, match="unknown SAE architecture 'gated'; known: relu, topk, batchtopk, jumprelu$"):
+    with pytest.raises(CscError, match="unknown SAE architecture 'gated'; known: relu, topk, batchtopk, jumprelu, matryoshka_batchtopk$"):
         sae_class("gated")
-    with pytest.raises(ValidationError, match="unknown architecture 'gated'; known: relu, topk, batchtopk, jumprelu"):
+    with pytest.raises(ValidationError, match="unknown architecture 'gated'; known: relu, topk, batchtopk, jumprelu, matryoshka_batchtopk"):
         parse_sae_config({"architecture": "gated", "d_in": D, "dict_size": DICT})
 
 
@@ -304,6 +361,7 @@ RESUME_EXTRA = {
     "topk": dict(revival="auxk", auxk_k=8, dead_window_tokens=2 * B),
     "batchtopk": dict(revival="auxk", auxk_k=8, dead_window_tokens=2 * B, threshold_rate=0.2),
     "jumprelu": dict(beta=0.5),
+    "matryoshka_batchtopk": dict(revival="auxk", auxk_k=8, dead_window_tokens=2 * B, threshold_rate=0.2),
 }
 
 
@@ -338,7 +396,7 @@ def test_resume_is_bit_for_bit(tmp_path, arch):
     assert [t.state_dict() for t in resumed.terms] == [t.state_dict() for t in straight.terms]
     if "revival" in extra:
         assert any(r["auxk"] > 0 for r in reports_straight)  # the dead-latent state mattered
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         assert straight.model.threshold_seen and straight.model.threshold > 0  # the buffers mattered
     if arch == "jumprelu":
         assert not torch.equal(straight.model.threshold, torch.full((DICT,), 0.01))

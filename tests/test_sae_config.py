@@ -40,7 +40,7 @@ def test_a_warmup_longer_than_steps_is_refused_naming_the_field(name):
     (dict(d_in=4, dict_size=8, architecture="topk", k=9), "k must be"),
     (dict(d_in=4, dict_size=8, architecture="topk", k=0), r"topk\.k\n"),
     (dict(d_in=4, dict_size=8, k=2), r"relu\.k\n  Extra inputs are not permitted"),
-    (dict(d_in=4, dict_size=8, architecture="gated"), "unknown architecture 'gated'; known: relu, topk, batchtopk, jumprelu"),
+    (dict(d_in=4, dict_size=8, architecture="gated"), "unknown architecture 'gated'; known: relu, topk, batchtopk, jumprelu, matryoshka_batchtopk"),
     (dict(d_in=4, dict_size=8, typo=1), "typo"),
     (dict(d_in=4, dict_size=8, architecture="batchtopk", k=9), "k must be"),
     (dict(d_in=4, dict_size=8, architecture="batchtopk", k=2, threshold_rate=0), "threshold_rate"),

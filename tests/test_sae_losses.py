@@ -7,7 +7,8 @@ from csc.sae.archs import ARCHITECTURES, build_sae
 from csc.sae.archs.relu import ReluConfig
 from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
-from csc.sae.losses import (TERM_NAMES, WEIGHT_NAMES, AuxK, InfoNCE, Reconstruction, Sparsity, StepInputs,
+from csc.sae.losses import (TERM_NAMES, WEIGHT_NAMES, AuxK, InfoNCE, PrefixReconstruction, Reconstruction, Sparsity,
+                            StepInputs,
                             auxk_loss, build_terms, info_nce_loss)
 from csc.sae.metrics import mse
 from csc.sae.model import ForwardOutput
@@ -182,6 +183,8 @@ def test_build_terms_follows_architecture_and_config(arch, gamma):
     revival = "auxk" if model.supports_auxk else "none"
     terms = build_terms(model, TrainerConfig(steps=10, gamma=gamma, revival=revival))
     expected = [(Reconstruction, "mse", "alpha")]
+    if arch == "matryoshka_batchtopk":
+        expected.append((PrefixReconstruction, "prefix_mse", "alpha"))
     if model.sparsity_term is not None:
         expected.append((Sparsity, model.sparsity_term, "beta"))
     if gamma > 0:
@@ -194,10 +197,10 @@ def test_build_terms_follows_architecture_and_config(arch, gamma):
 
 
 def test_term_and_weight_names():
-    assert TERM_NAMES == ("mse", "l1", "l0_penalty", "nce", "auxk")
+    assert TERM_NAMES == ("mse", "prefix_mse", "l1", "l0_penalty", "nce", "auxk")
     assert WEIGHT_NAMES == ("alpha", "beta", "gamma", "auxk_coef")
     assert {a: c.sparsity_term for a, c in ARCHITECTURES.items()} == {
-        "relu": "l1", "topk": None, "batchtopk": None, "jumprelu": "l0_penalty"}
+        "relu": "l1", "topk": None, "batchtopk": None, "jumprelu": "l0_penalty", "matryoshka_batchtopk": None}
 
 
 def test_auxk_matches_loop_and_trains_only_dead_latents():

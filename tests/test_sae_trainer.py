@@ -45,6 +45,22 @@ def test_lr_warmup_is_linear():
     assert lr_at(default, 499) < 3e-4 == lr_at(default, 500)
 
 
+def test_lr_decay_falls_linearly_over_the_last_steps():
+    cfg = TrainerConfig(steps=100, lr=3e-4, lr_warmup_steps=10, lr_decay_steps=20, lr_end=1e-5)
+    assert lr_at(cfg, 79) == lr_at(cfg, 80) == 3e-4  # the decay's first step still has lr
+    assert lr_at(cfg, 90) == pytest.approx(1e-5 + (3e-4 - 1e-5) * 10 / 20)
+    assert lr_at(cfg, 99) == pytest.approx(1e-5 + (3e-4 - 1e-5) / 20)  # the last step still moves
+    lrs = [lr_at(cfg, s) for s in range(80, 100)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(cfg.model_copy(update={"lr_decay_steps": 0}), 99) == 3e-4
+
+
+def test_lr_decay_may_not_start_inside_the_warm_up():
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        TrainerConfig(steps=100, lr_warmup_steps=30, lr_decay_steps=80)
+    TrainerConfig(steps=100, lr_warmup_steps=20, lr_decay_steps=80)  # they may meet
+
+
 def test_training_on_sparse_synthetic_data_learns():
     trainer = Trainer(ReluConfig(d_in=D, dict_size=DICT),
                       tcfg(steps=200, beta=0.07, gamma=0.1, log_every=1))
@@ -80,10 +96,10 @@ def test_topk_with_auxk_revival_learns_and_trains_dead_latents():
 def test_auxk_needs_topk_codes(arch):
     sae_cfg = sae_config(arch, D, DICT)
     if ARCHITECTURES[arch].supports_auxk:
-        assert arch in ("topk", "batchtopk")
+        assert arch in ("topk", "batchtopk", "matryoshka_batchtopk")
         Trainer(sae_cfg, tcfg(revival="auxk"))
     else:
-        with pytest.raises(SpecError, match=rf"topk, batchtopk\), not '{arch}'"):
+        with pytest.raises(SpecError, match=rf"topk, batchtopk, matryoshka_batchtopk\), not '{arch}'"):
             Trainer(sae_cfg, tcfg(revival="auxk"))
 
 
@@ -179,6 +195,8 @@ def test_gamma_zero_is_exactly_the_plain_sae(monkeypatch, arch):
             g["lr"] = lr_at(cfg, step)
         out = model(x)
         loss = cfg.alpha * mse(x, out.x_hat)
+        if model.prefix_widths():  # Matryoshka's nested reconstructions
+            loss = loss + cfg.alpha * sum(mse(x, r) for r in model.decode_prefixes(out.z, x, model.prefix_widths()))
         if model.sparsity_term is not None:
             beta = cfg.beta * min(1.0, step / cfg.beta_warmup_steps)
             loss = loss + beta * model.sparsity_loss(out)

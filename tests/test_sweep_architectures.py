@@ -85,5 +85,6 @@ def test_a_sweep_over_every_architecture(tmp_path, cache, monkeypatch):
         cfg = json.loads((result.sweep_dir / row["trial"] / "sae" / "cfg.json").read_text())
         assert cfg["csc_sae_config"]["architecture"] == arch
         assert cfg["csc_sae_config"].get("k") == (8 if "topk" in arch else None)
-        if arch in ("topk", "batchtopk"):
+        assert ("prefix_mse" in row["metrics"]) == (arch == "matryoshka_batchtopk")  # its nested losses trained
+        if "topk" in arch:
             assert row["metrics"]["eval/l0"] < 16

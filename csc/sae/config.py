@@ -57,6 +57,14 @@ class TrainerConfig(BaseModel):
     lr_warmup_steps: int | None = Field(default=None, ge=0)
     """Steps of linear learning-rate warm-up (0: start at `lr`). Default: a tenth of `steps`."""
 
+    lr_decay_steps: int = Field(default=0, ge=0)
+    """Steps at the end of training over which the learning rate falls linearly from `lr` to `lr_end` (SAELens's
+    lr_decay_steps; Anthropic's April 2024 recipe and dictionary_learning decay over the last 20%). 0: no decay.
+    bench/README.md section 11 measures what it does."""
+
+    lr_end: float = Field(default=0.0, ge=0)
+    """Learning rate at the last step when `lr_decay_steps` > 0 (Anthropic's recipe: 0)."""
+
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value."""
 
@@ -66,12 +74,13 @@ class TrainerConfig(BaseModel):
     beta: float = Field(default=0.04, ge=0)
     """Weight of the architecture's sparsity penalty (the paper's lambda): the L1 of the codes in units of the
     input's norm for relu, the L0 for jumprelu (csc.sae.losses). With trainer.target_l0 it is the starting
-    value. topk and batchtopk get their sparsity from k and have no penalty: beta does not act there."""
+    value. topk, batchtopk and matryoshka_batchtopk get their sparsity from k and have no penalty: beta does not act
+    there."""
 
     target_l0: float | None = Field(default=None, gt=0)
     """Steer beta so that the training L0 settles at this value (csc.sae.weighting.L0Controller): SAEs of a
-    sweep are then compared at matched sparsity whatever else they change. relu and jumprelu only (topk and
-    batchtopk: set sae.k)."""
+    sweep are then compared at matched sparsity whatever else they change. relu and jumprelu only (topk, batchtopk
+    and matryoshka_batchtopk: set sae.k)."""
 
     target_l0_rate: float = Field(default=0.02, gt=0)
     """Step of the controller: ln(beta) moves by rate * (ln(L0 + 1) - ln(target_l0 + 1)) per step."""
@@ -79,7 +88,7 @@ class TrainerConfig(BaseModel):
     init_l0: float | None = Field(default=None, gt=0)
     """L0 the SAE starts at (relu: b_enc, jumprelu: thresholds, set from the first batch; see
     SparseAutoencoder.init_from_data). Default: target_l0 when set, else 64 (at most an eighth of the
-    dictionary); topk and batchtopk start at k."""
+    dictionary); the architectures with a k start at k."""
 
     gamma: float = Field(default=0.1, ge=0)
     """Weight of the InfoNCE term; 0 trains exactly the plain SAE (the term is never computed)."""
@@ -122,7 +131,8 @@ class TrainerConfig(BaseModel):
     sparsity at init_l0 and the codes at a least-squares scale. False keeps the random start (b_dec = 0)."""
 
     revival: Literal["none", "auxk"] = "none"
-    """Dead-latent revival: "auxk" adds the AuxK loss of Gao et al. (topk and batchtopk only)."""
+    """Dead-latent revival: "auxk" adds the AuxK loss of Gao et al. (architectures with TopK codes: topk, batchtopk,
+    matryoshka_batchtopk; a ReLU or JumpReLU latent that died has no positive pre-activation for it to train)."""
 
     auxk_k: int = Field(default=256, gt=0)
     """Dead latents used by the AuxK reconstruction of the residual."""
@@ -152,6 +162,10 @@ class TrainerConfig(BaseModel):
             if value is not None and value > self.steps:
                 raise ValueError(f"trainer.{name} ({value}) exceeds trainer.steps ({self.steps}): that warm-up "
                                  f"would never finish; shorten it or train longer")
+        if self.lr_decay_steps + self.warmup("lr_warmup_steps") > self.steps:
+            raise ValueError(f"trainer.lr_decay_steps ({self.lr_decay_steps}) and the learning-rate warm-up "
+                             f"({self.warmup('lr_warmup_steps')}) overlap within trainer.steps ({self.steps}): the "
+                             f"decay would start before the warm-up ends; shorten one of them")
         return self
 
     def nce_latent_count(self, dict_size: int) -> int:

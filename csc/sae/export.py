@@ -1,7 +1,8 @@
 """The one on-disk format of an SAE: SAELens's layout, read and written by `save_sae` / `load_sae`.
 
 Files (SAELens's names): `sae_weights.safetensors` with W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
-b_dec [d_in] and the architecture's tensors (threshold [d_sae] for jumprelu and batchtopk); `cfg.json`, a flat
+b_dec [d_in] and the architecture's tensors (threshold [d_sae] for jumprelu, batchtopk and
+matryoshka_batchtopk); `cfg.json`, a flat
 dict in SAELens's pre-6.0 layout, which SAELens 6 reads (it converts configs without `sae_lens_version`).
 
 An export reads and reconstructs RAW activations of the hooked layer, in SAELens exactly as in csc. csc
@@ -15,7 +16,8 @@ to float rounding).
 
 cfg.json key            <- csc
   architecture          the SAELens inference architecture computing the same codes: "standard" (relu),
-                        "topk", "jumprelu" (jumprelu, and batchtopk with every threshold at its global one)
+                        "topk", "jumprelu" (jumprelu, and batchtopk and matryoshka_batchtopk with every
+                        threshold at its global one, as SAELens saves its matryoshka_batchtopk)
   d_in, d_sae           SaeConfig.d_in, SaeConfig.dict_size
   activation_fn_str     "relu" | "topk";  k and activation_fn_kwargs {"k": k} (topk only)
   apply_b_dec_to_input  true: csc encodes n - b_dec

@@ -3,6 +3,7 @@ from the step's forward output; the trainer sums weight * value over `build_term
 csc.sae.metrics:
 
     mse        mean_{i,d} (x_id - x_hat_id)^2                            weight alpha
+    prefix_mse sum_w mean_{i,d} (x_id - x_hat^w_id)^2 over inner prefixes weight alpha (matryoshka_batchtopk)
     l1         mean_i sum_j |z_ij| / sqrt(d)     (relu)                 weight beta (warm-up, target L0)
     l0_penalty mean_i sum_j H(pre_ij - theta_j)  (jumprelu)             weight beta (warm-up, target L0)
     nce        InfoNCE over codes, see info_nce_loss                     weight gamma (warm-up, balance)
@@ -157,6 +158,24 @@ class Reconstruction(LossTerm):
         return mse(inputs.out.x, inputs.out.x_hat)
 
 
+class PrefixReconstruction(LossTerm):
+    """Matryoshka's nested losses: the MSE of the reconstruction from each inner prefix of the dictionary
+    (SparseAutoencoder.prefix_widths, decode_prefixes), summed, at the reconstruction's weight alpha (SAELens adds
+    each inner_mse_loss to the loss with weight 1, as it does the full MSE)."""
+
+    name, weight_name = "prefix_mse", "alpha"
+
+    def __init__(self, cfg: TrainerConfig, widths: list[int]):
+        self.alpha, self.widths = cfg.alpha, widths
+
+    def weight(self, step: int) -> float:
+        return self.alpha
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        out = inputs.out
+        return sum(mse(out.x, r) for r in inputs.model.decode_prefixes(out.z, out.x, self.widths))
+
+
 class Sparsity(LossTerm):
     """The architecture's sparsity penalty (its name: the architecture's `sparsity_term`). beta warms up; with
     trainer.target_l0 it then follows csc.sae.weighting.L0Controller."""
@@ -245,7 +264,7 @@ class AuxK(LossTerm):
 
 
 TERM_NAMES: tuple[str, ...] = (
-    Reconstruction.name,
+    Reconstruction.name, PrefixReconstruction.name,
     *dict.fromkeys(a.sparsity_term for a in ARCHITECTURES.values() if a.sparsity_term),
     InfoNCE.name, AuxK.name,
 )
@@ -258,6 +277,8 @@ WEIGHT_NAMES: tuple[str, ...] = (Reconstruction.weight_name, Sparsity.weight_nam
 def build_terms(model: SparseAutoencoder, cfg: TrainerConfig) -> list[LossTerm]:
     """The terms of one training run, in the order they are summed and logged."""
     terms: list[LossTerm] = [Reconstruction(cfg)]
+    if model.prefix_widths():
+        terms.append(PrefixReconstruction(cfg, model.prefix_widths()))
     if model.sparsity_term is not None:
         terms.append(Sparsity(model.sparsity_term, cfg))
     if cfg.gamma > 0:

@@ -43,7 +43,8 @@ class BaseSaeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     architecture: str
-    """Which architecture (the discriminator of `SaeConfig`): relu, topk, batchtopk or jumprelu."""
+    """Which architecture (the discriminator of `SaeConfig`): relu, topk, batchtopk, jumprelu or
+    matryoshka_batchtopk."""
 
     d_in: int | None = Field(default=None, gt=0)
     """Width of the activations the SAE reads. Leave unset in a spec: it is the LM's d_model."""
@@ -126,6 +127,11 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def after_step(self, out: ForwardOutput) -> None:
         """Update the architecture's state after an optimiser step on the batch of `out` (nothing by default)."""
+
+    def prefix_widths(self) -> list[int]:
+        """Widths w < dict_size of the inner prefixes whose own reconstruction, from the first w codes, is trained
+        too (Matryoshka: csc.sae.losses.PrefixReconstruction); none by default."""
+        return []
 
     def saelens_fields(self) -> dict[str, Any]:
         """Architecture-specific cfg.json fields of the SAELens export."""
@@ -221,6 +227,17 @@ class SparseAutoencoder(nn.Module):
             raise CscError("decode(z) of an SAE with the LayerNorm needs the input x (its norm is restored)")
         _, mu, sigma = self.normalise(x)
         return out * sigma + mu
+
+    def decode_prefixes(self, z: torch.Tensor, x: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+        """The reconstructions from the first w codes of z for each w in `widths` (increasing), the LayerNorm's
+        statistics of x restored as in `forward`; each is the previous one plus the next group's decoding."""
+        _, mu, sigma = self.normalise(x)
+        out, start, recons = self.b_dec.to(z.dtype).expand(z.shape[0], -1), 0, []
+        for w in widths:
+            out = out + z[:, start:w] @ self.W_dec[start:w].to(z.dtype)
+            start = w
+            recons.append(out if mu is None else out * sigma + mu)
+        return recons
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         n, mu, sigma = self.normalise(x)

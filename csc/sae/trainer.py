@@ -22,7 +22,7 @@ import torch
 
 from csc.errors import CscError, DivergenceError, SpecError
 from csc.sae import metrics
-from csc.sae.archs import build_sae, sae_class
+from csc.sae.archs import ARCHITECTURES, build_sae, sae_class
 from csc.sae.batch import ActivationBatch
 from csc.sae.config import TrainerConfig
 from csc.sae.dead import DeadLatentTracker
@@ -49,11 +49,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def lr_at(cfg: TrainerConfig, step: int) -> float:
-    """Linear warm-up from lr_warmup_start (step 0) to lr (step lr_warmup_steps and after)."""
+    """Linear warm-up from lr_warmup_start (step 0) to lr (step lr_warmup_steps), lr until the decay, then a linear
+    fall over the last lr_decay_steps steps towards lr_end, which it would reach at step `steps` (as
+    dictionary_learning's schedule: the last step still moves, by lr_end + (lr - lr_end) / lr_decay_steps)."""
     warmup = cfg.warmup("lr_warmup_steps")
-    if step >= warmup:
+    if step < warmup:
+        return cfg.lr_warmup_start + (cfg.lr - cfg.lr_warmup_start) * step / warmup
+    if cfg.lr_decay_steps == 0 or step < cfg.steps - cfg.lr_decay_steps:
         return cfg.lr
-    return cfg.lr_warmup_start + (cfg.lr - cfg.lr_warmup_start) * step / warmup
+    left = max(cfg.steps - step, 0) / cfg.lr_decay_steps
+    return cfg.lr_end + (cfg.lr - cfg.lr_end) * left
 
 
 class Hook:
@@ -72,7 +77,8 @@ class Trainer:
     def __init__(self, sae_cfg: BaseSaeConfig, cfg: TrainerConfig, *, model: SparseAutoencoder | None = None):
         cls = sae_class(sae_cfg.architecture)
         if cfg.revival == "auxk" and not cls.supports_auxk:
-            raise SpecError(f"trainer.revival 'auxk' needs an architecture with TopK codes (topk, batchtopk), "
+            able = ", ".join(name for name, c in ARCHITECTURES.items() if c.supports_auxk)
+            raise SpecError(f"trainer.revival 'auxk' needs an architecture with TopK codes ({able}), "
                             f"not {sae_cfg.architecture!r}: its dead latents have no positive pre-activation "
                             f"for AuxK to train")
         if cfg.target_l0 is not None and cls.sparsity_term is None:

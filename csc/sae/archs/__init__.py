@@ -10,13 +10,14 @@ from __future__ import annotations
 from csc.errors import CscError
 from csc.sae.archs.batchtopk import BatchTopKSAE
 from csc.sae.archs.jumprelu import JumpReluSAE
+from csc.sae.archs.matryoshka import MatryoshkaSAE
 from csc.sae.archs.relu import ReluSAE
 from csc.sae.archs.topk import TopKSAE
 from csc.sae.model import BaseSaeConfig, SparseAutoencoder
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     cls.config_class.model_fields["architecture"].default: cls
-    for cls in (ReluSAE, TopKSAE, BatchTopKSAE, JumpReluSAE)
+    for cls in (ReluSAE, TopKSAE, BatchTopKSAE, JumpReluSAE, MatryoshkaSAE)
 }
 
 
