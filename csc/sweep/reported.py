@@ -74,8 +74,10 @@ def trial_metrics(sae: BaseSaeConfig, trainer: TrainerConfig) -> tuple[frozenset
     A term's metric is in the final report where the trial has the term; in every report only if the trainer
     computes it at every step: an optional term (InfoNCE) is skipped at steps where its weight is 0, as at
     the start of its warm-up, so a report of those steps alone lacks it."""
-    # Which terms a trial has depends on its architecture and trainer settings, not on its sizes: a 1 x 1 SAE.
-    terms = build_terms(build_sae(sae.model_copy(update={"d_in": 1, "dict_size": 1})), trainer)
+    # Which terms a trial has depends on its architecture and trainer settings, not on its sizes (Matryoshka has inner
+    # prefixes at any dictionary of 2 latents or more, so as many here): a small SAE of width 1.
+    small = sae.model_copy(update={"d_in": 1, "dict_size": min(sae.dict_size, 64)})
+    terms = build_terms(build_sae(small), trainer)
     others = (frozenset(TRAINING_METRICS) - set(TERM_NAMES) - {GRAD_SHARE}) | set(RUNG_FIGURES)
 
     def named(names: set[str]) -> frozenset[str]:
