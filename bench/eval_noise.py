@@ -4,7 +4,8 @@ the standard error of each trial's figure over the contexts, and of the paired d
 same contexts, at the spec's eval.ce_contexts and at larger counts (SE ~ sd / sqrt(n)), beside the seed-to-seed spread
 of the same figure. The evaluation is precise enough when its standard error is small against that spread.
 
-    python bench/eval_noise.py runs/sweeps/embedded-scale [--paired runs/sweeps/embedded-scale-contrastive] [--contexts 64]
+    python bench/eval_noise.py runs/sweeps/embedded-scale [--paired runs/sweeps/embedded-scale-contrastive/trial_01 ...]
+        [--contexts 64]
 
 Each path is what `csc eval` reads (a sweep folder: its finished trials; a trial; a `csc train` run folder). The
 positional ones hold seeds of one setting (e.g. the gamma = 0 twins); each SAE under --paired is paired with the twin

@@ -7,8 +7,9 @@ line per setting (architecture, gamma, tau, pairing), mean and spread over seeds
 Reads each sweep's trials.json and spec (bench/contrastive_grid.py's `load`). A trial's budget is the anchors it trained
 on (trainer.steps x trainer.batch_size). Prints, per setting and budget, the mean ± sample standard deviation over
 seeds of delta CE (nats), KL, EV, L0, held-out InfoNCE, locality and dead fraction, then the paired difference from the
-gamma = 0 twin of the same architecture, budget and seed; draws delta CE, locality and InfoNCE against tokens (log
-scale). The per-figure tables with every feature figure come from bench/contrastive_grid.py on the same folders.
+gamma = 0 twin of the same architecture, budget and seed (held-out InfoNCE only where the twin was measured with the
+same pairing rule and temperature: "-" otherwise); draws delta CE, locality and InfoNCE against tokens (log scale).
+The tables with every feature figure come from bench/contrastive_grid.py on the same folders.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ SETTING = ("sae.architecture", "trainer.gamma", "trainer.temperature", "activati
 FIGURES = (("eval/delta_ce", "delta CE (nats)", 3), ("eval/kl_spliced", "KL", 3),
            ("eval/explained_variance", "EV", 3), ("eval/l0", "L0", 1), ("eval/nce", "held-out nce", 3),
            ("eval/context_locality", "locality", 3), ("eval/dead_fraction", "dead", 3))
+YARDSTICK = ("eval/nce",)
+"""Figures measured with the trial's own pairing rule and temperature: paired only with a twin measured the same way."""
 PLOTTED = (("eval/delta_ce", "delta CE (nats)"), ("eval/context_locality", "context locality"),
            ("eval/nce", "held-out InfoNCE (nats)"))
 
@@ -46,15 +49,17 @@ def name(key: tuple) -> str:
     return arch if not gamma else f"{arch}, gamma {gamma:g}, tau {tau:g}, {pairing}"
 
 
-def collect(dirs: list[Path]) -> dict[tuple, dict[int, dict[int, dict[str, float]]]]:
-    """setting -> budget -> seed -> metrics; a gamma = 0 trial's tau and pairing are not part of its setting."""
-    out: dict[tuple, dict[int, dict[int, dict[str, float]]]] = defaultdict(lambda: defaultdict(dict))
+def collect(dirs: list[Path]) -> dict[tuple, dict[int, dict[int, dict[str, Any]]]]:
+    """setting -> budget -> seed -> metrics (with the trial's yardstick, its tau and pairing, under "yardstick"); a
+    gamma = 0 trial's tau and pairing are not part of its setting (they change nothing it learns)."""
+    out: dict[tuple, dict[int, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for d in dirs:
         for setting, metrics, _ in load(d):
             key = tuple(setting.get(k) for k in SETTING)
+            yardstick = key[2:]
             if not key[1]:
                 key = (key[0], 0.0, None, None)
-            out[key][budget(setting)][int(setting["trainer.seed"])] = metrics
+            out[key][budget(setting)][int(setting["trainer.seed"])] = {**metrics, "yardstick": yardstick}
     return out
 
 
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         for tokens, seeds in sorted(data[key].items()):
             twin = data.get((key[0], 0.0, None, None), {}).get(tokens, {})
             pairs = [(m, twin[s]) for s, m in seeds.items() if s in twin]
-            values = [cell([m[f] - t[f] for m, t in pairs if f in m and f in t], d) for f, _, d in FIGURES]
+            values = [cell([m[f] - t[f] for m, t in pairs if f in m and f in t
+                            and (f not in YARDSTICK or m["yardstick"] == t["yardstick"])], d) for f, _, d in FIGURES]
             print(f"| {name(key)} | {tokens:,} | {len(pairs)} | " + " | ".join(values) + " |")
     if a.plot:
         plot(data, order, a.plot)

@@ -9,9 +9,9 @@ from csc.sae.losses import WEIGHT_NAMES
 from csc.sae.metrics import DensityHistogram
 from csc.sae.trainer import TRAINING_METRICS
 
-LABELS = {"loss": "total loss", "mse": "MSE", "prefix_mse": "MSE of the inner prefixes", "l1": "L1", "l0_penalty": "L0 penalty", "nce": "InfoNCE",
-          "auxk": "AuxK", "ev": "explained variance (batch)", "l0": "L0", "dead_frac": "dead fraction (window)",
-          "grad_norm": "gradient norm (before clipping)"}
+LABELS = {"loss": "total loss", "mse": "MSE", "prefix_mse": "MSE of the inner prefixes", "l1": "L1",
+          "l0_penalty": "L0 penalty", "nce": "InfoNCE", "auxk": "AuxK", "ev": "explained variance (batch)", "l0": "L0",
+          "dead_frac": "dead fraction (window)", "grad_norm": "gradient norm (before clipping)"}
 
 
 def training_curves(rows: list[dict[str, float]], path: Path, title: str = "") -> None:

@@ -63,7 +63,7 @@ class TrainerConfig(BaseModel):
     bench/README.md section 11 measures what it does."""
 
     lr_end: float = Field(default=0.0, ge=0)
-    """Learning rate at the last step when `lr_decay_steps` > 0 (Anthropic's recipe: 0)."""
+    """Learning rate the decay falls towards, reached as training ends (Anthropic's recipe: 0)."""
 
     max_grad_norm: float = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value."""

@@ -49,4 +49,3 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def prefix_widths(self) -> list[int]:
         return self.cfg.widths()[:-1]
-
