@@ -277,8 +277,8 @@ WEIGHT_NAMES: tuple[str, ...] = (Reconstruction.weight_name, Sparsity.weight_nam
 def build_terms(model: SparseAutoencoder, cfg: TrainerConfig) -> list[LossTerm]:
     """The terms of one training run, in the order they are summed and logged."""
     terms: list[LossTerm] = [Reconstruction(cfg)]
-    if model.prefix_widths():
-        terms.append(PrefixReconstruction(cfg, model.prefix_widths()))
+    if widths := model.prefix_widths():
+        terms.append(PrefixReconstruction(cfg, widths))
     if model.sparsity_term is not None:
         terms.append(Sparsity(model.sparsity_term, cfg))
     if cfg.gamma > 0:

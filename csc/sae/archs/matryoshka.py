@@ -40,8 +40,7 @@ class MatryoshkaConfig(BatchTopKConfig):
         """The prefix widths in force (the default's when matryoshka_widths is unset), ending at dict_size."""
         if self.matryoshka_widths is not None:
             return list(self.matryoshka_widths)
-        levels = [self.dict_size >> i for i in range(DEFAULT_LEVELS - 1, -1, -1)]
-        return sorted({w for w in levels if w > 0} | {self.dict_size})
+        return sorted({self.dict_size >> i for i in range(DEFAULT_LEVELS)} - {0})
 
 
 class MatryoshkaSAE(BatchTopKSAE):
