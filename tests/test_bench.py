@@ -39,6 +39,16 @@ def test_producer_throughput_on_the_tiny_model(tmp_path):
     assert "csc pipeline" in out and "full forward, eager" in out
 
 
+def test_eval_cost_on_the_tiny_model(tmp_path):
+    out = run("eval_cost.py", "--model", "tiny-gemma2", "--layer", "1", "--contexts", "4", "--context", "16",
+              "--dict", "64", "--rounds", "2", cache=tmp_path)
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows == ["row", "former, per SAE", "now, once (clean_runs)", "now, per SAE (spliced_scores)"]
+    # tiny Gemma 2: 4 layers of b = 37,120 weights, V h = 260 x 64; former 4 (4 b + V h), now (4 - 2) b + 2 V h
+    assert "(arithmetic bound 6.14x: 0.6605M against 0.1075M multiply-adds per token)" in out
+    assert re.search(r"a sweep of 8 SAEs: [\d.]+ s former, [\d.]+ s now \([\d.]+x\)", out)
+
+
 def test_pairing_stats_on_the_tiny_model(tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text("model: {name: tiny-gemma2}\nactivations: {layer: 2, context_length: 16, contexts_per_shard: 4, "

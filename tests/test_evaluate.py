@@ -1,14 +1,16 @@
 """Splicing an SAE into the LM: CE/KL against transformers' own loss, and the reconstruction scores."""
 
 import math
+import threading
 
 import pytest
 import torch
 
 from csc.activations.models import build_tiny_gemma2
 from csc.config import ModelSpec
-from csc.pipeline.evaluate import (_final_hidden, locality_scores, reconstruction_scores, saebench_sparsity_scores,
-                                   splice_scores)
+from csc.activations.capture import decoder_layers, run_from_layer, thread_hook
+from csc.pipeline.evaluate import (_final_hidden, clean_runs, locality_scores, reconstruction_scores,
+                                   saebench_sparsity_scores, splice_scores, spliced_scores)
 from csc.sae.archs import build_sae
 from csc.sae.archs.relu import ReluConfig
 from csc.sae.batch import ActivationBatch
@@ -59,6 +61,65 @@ def test_replacement_spares_the_kept_positions(tiny):
     keep[1, 5] = True
     out = _final_hidden(tiny, ids, tiny.config.num_hidden_layers - 1, torch.zeros_like, keep)
     assert torch.equal(out[keep], clean[keep]) and not out[~keep].any()
+
+
+def test_a_run_from_layer_l_is_the_full_forward_bit_for_bit(tiny):
+    ids = _ids(3)
+    resid = {}
+    handle = thread_hook(decoder_layers(tiny)[1], lambda _m, _a, out: resid.__setitem__("x", out))
+    clean = _final_hidden(tiny, ids, 1)
+    handle.remove()
+    assert torch.equal(run_from_layer(tiny, ids, 1, resid["x"]), clean)
+    keep = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    replaced = torch.where(keep[..., None], resid["x"], resid["x"].flip(-1))
+    assert torch.equal(run_from_layer(tiny, ids, 1, replaced), _final_hidden(tiny, ids, 1, lambda x: x.flip(-1), keep))
+    assert torch.equal(_final_hidden(tiny, ids, 1), clean), "after it, every layer runs again"
+
+
+def test_hooks_and_skipped_layers_belong_to_their_thread(tiny):
+    """A producer evaluates on one thread while its LM makes shards on another, with the same model: thread A is
+    held inside a run from layer 1 with a hook of its own that zeroes layer 2, and thread B's full forward is the
+    plain one meanwhile; A's result is what it would have been alone."""
+    ids = _ids(2)
+    plain = _final_hidden(tiny, ids, 1)
+    zeroed = _final_hidden(tiny, ids, 2, torch.zeros_like, torch.zeros_like(ids, dtype=torch.bool))
+    inside, go, got = threading.Event(), threading.Event(), {}
+
+    def pause(_m, _a, out):
+        inside.set()
+        assert go.wait(60)
+        return torch.zeros_like(out)
+
+    def thread_a():
+        resid = {}
+        h = thread_hook(decoder_layers(tiny)[1], lambda _m, _a, out: resid.__setitem__("x", out))
+        _final_hidden(tiny, ids, 1)
+        h.remove()
+        h = thread_hook(decoder_layers(tiny)[2], pause)
+        try:
+            got["a"] = run_from_layer(tiny, ids, 1, resid["x"])
+        finally:
+            h.remove()
+
+    a = threading.Thread(target=thread_a)
+    a.start()
+    assert inside.wait(60)
+    got["b"] = _final_hidden(tiny, ids, 1)
+    go.set()
+    a.join()
+    assert torch.equal(got["b"], plain) and torch.equal(got["a"], zeroed)
+
+
+def test_one_clean_run_serves_every_sae(tiny):
+    """What needs no SAE is measured once: each SAE's figures against it are those of its own full measurement."""
+    ids = _ids_with_specials()
+    clean = clean_runs(tiny, ids, 1, SPECIAL, lm_batch_size=3, chunk_tokens=7)
+    assert clean.nbytes > 0
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sae = build_sae(ReluConfig(d_in=64, dict_size=128))
+        assert spliced_scores(tiny, sae, clean, 0.5, chunk_tokens=7) == splice_scores(
+            tiny, sae, ids, 1, 0.5, SPECIAL, lm_batch_size=3, chunk_tokens=7)
 
 
 def test_kl_and_ce_of_a_perfect_reconstruction(tiny):

@@ -19,6 +19,7 @@ from csc.spec_loader import load_spec
 from csc.errors import CscError
 from csc.pipeline.probing import held_out_labels
 from csc.sae.export import load_sae
+from csc.sweep.reported import EVAL_PREFIX, TIME_PREFIX, WALL_TIME
 from csc.sweep.run import run_sweep
 from csc.sweep.spec import SweepSpec
 from tests.test_probing import labelled_corpus
@@ -88,6 +89,13 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     st = result.producer
     assert st["lm_shards_computed"] == LM_SHARDS and st["requests"] > 6 * 3
     assert st["evaluations"] == sum(r["outcome"] == "finished" for r in rows.values())
+    assert st["evaluation_seconds"] > st["clean_runs_seconds"] > 0 and st["clean_runs_mb"] > 0
+    # Where each finished trial's time went, waiting for shards within training.
+    for row in (r for r in rows.values() if r["outcome"] == "finished"):
+        took = {k.removeprefix(TIME_PREFIX): v for k, v in row["metrics"].items() if k.startswith(TIME_PREFIX)}
+        absorbed = any(k.startswith(EVAL_PREFIX + "absorption") for k in row["metrics"])
+        assert set(took) == {key for key, _ in WALL_TIME} - (set() if absorbed else {"eval_absorption"})
+        assert all(v >= 0 for v in took.values()) and took["shard_wait"] <= took["train"]
 
     client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
     parent = client.get_run(result.parent_run_id)
@@ -165,6 +173,10 @@ def test_sweep_stops_early_survives_divergence_and_records_everything(in_tmp, ca
     summary = capsys.readouterr().out
     assert summary.startswith("sweep 'tiny': 4 of 4 trials: ") and "1 failed" in summary
     assert f"the LM made {LM_SHARDS} shards" in summary
+    assert re.search(r"CE/KL evaluations \([\d.]+ s beside the shards, [\d.]+ s of it the runs without an SAE, "
+                     r"made once\)", summary)
+    assert "where the trials' time went (seconds, summed over the " in summary and all(
+        label in summary for _, label in WALL_TIME)
     assert "best trials (ev max, l0 min; the Pareto set):" in summary
     assert "\ntrial_0" in summary.split("the Pareto set")[1]
     # every rung decision, with the figures it was made on

@@ -70,6 +70,24 @@ def test_concurrent_readers_share_one_lm_run_per_shard(cache):
     assert torch.equal(results[0].acts, Activations(tiny_spec(cache)).shard("train", 1).acts)  # as stored
 
 
+def test_evaluation_does_not_hold_up_shards_and_measures_every_sae_against_one_clean_run(cache):
+    p = producer(cache)
+    gate = threading.Event()
+    p._eval.submit(gate.wait, 120)  # the evaluation thread is busy (a trial's SAE being measured, held here)
+    try:
+        shard = p.shard("train", 1)  # made by the LM meanwhile
+    finally:
+        gate.set()
+    spec = train_spec(cache)
+    assert same_shard(shard, Activations(spec).shard("train", 1))
+    saes = [build_sae(sae_config("relu", 64, 32)) for _ in range(2)]
+    for sae in saes:
+        assert p.splice(sae.cfg.model_dump(), sae.state_dict()) == splice_run(spec, sae.eval(), Activations(spec))
+    st = p.stats()
+    assert st["evaluations"] == 2 and st["evaluation_seconds"] > st["clean_runs_seconds"] > 0
+    assert st["clean_runs_mb"] > 0
+
+
 def test_prefetch_makes_the_next_shards_before_they_are_asked_for(cache):
     p = producer(cache, 64, 2, "activations.train_tokens=1024")  # 4 shards
     p.shard("train", 0)

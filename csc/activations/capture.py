@@ -15,6 +15,12 @@ model runs one of two attention implementations (csc/activations/models.py picks
   sdpa. The masks are sdpa's (None where sdpa's `is_causal` does, else boolean, sliding windows
   included); the eager call gets them as eager's additive masks.
 
+`run_from_layer` resumes a forward from a stored resid_post of layer L: the layers up to L are not run (an SAE's
+evaluation splices many SAEs into the same clean run, csc/pipeline/evaluate.py).
+
+Every hook csc puts on the model acts only in the thread that put it (`thread_hook`), and what a running call reads
+is per thread (context variables): a producer's evaluation and its shard production share one model.
+
 `run_after_prefixes` reads resid_post of layer L at G tokens that each follow one shared P-token prefix, as if each
 were alone after it, for P + G token positions instead of G (P + 1) (feature absorption's prompts,
 csc/activations/spelling.py).
@@ -23,7 +29,9 @@ csc/activations/spelling.py).
 from __future__ import annotations
 
 import sys
+import threading
 from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -41,8 +49,25 @@ _probs_from: ContextVar[nn.Module | None] = ContextVar("csc_probs_from", default
 forwards of one model, e.g. a producer's, do not see each other's)."""
 
 
+_resume_at: ContextVar[tuple[int, torch.Tensor] | None] = ContextVar("csc_resume_at", default=None)
+"""(L, resid_post(L)) of the running `run_from_layer` call, per thread."""
+
+_resumable_lock = threading.Lock()
+
+
 class _StopForward(Exception):
     pass
+
+
+def thread_hook(module: nn.Module, hook: Callable) -> torch.utils.hooks.RemovableHandle:
+    """module.register_forward_hook(hook) for the calling thread only: a forward of `module` on another thread
+    passes it untouched."""
+    owner = threading.get_ident()
+
+    def in_owner(mod, args, out):
+        return hook(mod, args, out) if threading.get_ident() == owner else None
+
+    return module.register_forward_hook(in_owner)
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -141,8 +166,8 @@ def _forward_to(model: nn.Module, layer: int, attention: bool, **inputs) -> dict
         raise _StopForward
 
     attn_module = _attention_module(layers[layer])
-    handles = [attn_module.register_forward_hook(on_attn)] if attention else []
-    handles.append(layers[layer].register_forward_hook(on_layer))
+    handles = [thread_hook(attn_module, on_attn)] if attention else []
+    handles.append(thread_hook(layers[layer], on_layer))
     token = _probs_from.set(attn_module if attention else None)
     try:
         base_model(model)(use_cache=False, **inputs)
@@ -162,6 +187,36 @@ def run_to_layer(model: nn.Module, input_ids: torch.Tensor, layer: int) -> Captu
     # Contexts are never padded: no attention mask, so sdpa runs with is_causal instead of a materialised mask.
     store = _forward_to(model, layer, attention=True, input_ids=input_ids)
     return Captured(resid=store["resid"], attn=store["attn"])
+
+
+def run_from_layer(model: nn.Module, input_ids: torch.Tensor, layer: int, resid: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [b, T, h] of `input_ids` [b, T] (attention mask all ones) when resid_post(layer) is `resid`
+    [b, T, d]: the layers up to `layer` are skipped, the rest run as in a full forward. With the resid_post of a full
+    forward of the same batch, the result is that forward's, bit for bit."""
+    layers = decoder_layers(model)
+    with _resumable_lock:
+        for i, block in enumerate(layers):
+            if not getattr(block, "_csc_resumable", False):
+                block.forward = _resumable(block.forward, i)
+                block._csc_resumable = True
+    token = _resume_at.set((layer, resid))
+    try:
+        return base_model(model)(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 use_cache=False).last_hidden_state
+    finally:
+        _resume_at.reset(token)
+
+
+def _resumable(forward: Callable, i: int) -> Callable:
+    """Decoder layer i's forward, skipped inside a `run_from_layer` call of this thread that resumes at or after
+    it (transformers 5's layers take and return the hidden states as a tensor)."""
+    def resumable(*args, **kwargs):
+        at = _resume_at.get()
+        if at is None or i > at[0]:
+            return forward(*args, **kwargs)
+        return at[1] if i == at[0] else (args[0] if args else kwargs["hidden_states"])
+
+    return resumable
 
 
 def to_host(x: torch.Tensor, dtype: torch.dtype, stream: torch.cuda.Stream | None = None) -> torch.Tensor:

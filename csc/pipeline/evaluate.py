@@ -1,12 +1,9 @@
 """Evaluate a trained SAE on held-out activations and by splicing it into the LM.
 
 Reconstruction figures (MSE, explained variance, L0, ...) come from `metrics.StreamingStats` over the
-held-out batches. Downstream figures splice the SAE into the residual stream after layer L with a
-forward hook that returns a replacement:
-
-    clean    the model as it is
-    spliced  resid_post(L) -> decode(encode(x * scale)) / scale at every position but BOS (the SAE never trains on BOS)
-    ablated  resid_post(L) -> 0 at every position but BOS
+held-out batches. Downstream figures splice the SAE into the residual stream after layer L (splice_scores): the
+clean run is a full forward whose resid_post(L) is kept; the ablated and spliced runs resume from it, the layers up
+to L skipped. What needs no SAE (CleanRuns) is made once per set of contexts.
 
 CE is next-token cross entropy over every predicted position, KL is KL(clean || other) per token. Beside them,
 SAEBench's figures under SAEBench's names (`splice_scores`, `saebench_sparsity_scores`). Logits are formed from
@@ -16,11 +13,12 @@ the final hidden states `chunk_tokens` rows at a time, so memory stays bounded e
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from csc.activations.capture import base_model, decoder_layers
+from csc.activations.capture import base_model, decoder_layers, run_from_layer, thread_hook
 from csc.activations.models import LanguageModel
 from csc.activations.probe_labels import special_ids
 from csc.errors import CscError
@@ -43,14 +41,12 @@ def special_token_ids(lm: LanguageModel) -> frozenset[int]:
 def _final_hidden(model: nn.Module, ids: torch.Tensor, layer: int,
                   replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states [b, T, h] of `ids` [b, T]; with `replace`, resid_post(layer) becomes replace(resid)
-    except at the positions where `keep` [b, T] is True."""
+    """Final hidden states [b, T, h] of `ids` [b, T] in one full forward; with `replace`, resid_post(layer) becomes
+    replace(resid) except at the positions where `keep` [b, T] is True."""
     def hook(_mod, _args, out):
-        resid = out[0] if isinstance(out, tuple) else out
-        new = torch.where(keep[..., None], resid, replace(resid))
-        return (new, *out[1:]) if isinstance(out, tuple) else new
+        return torch.where(keep[..., None], out, replace(out))
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook) if replace is not None else None
+    handle = thread_hook(decoder_layers(model)[layer], hook) if replace is not None else None
     try:
         return base_model(model)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
     finally:
@@ -66,7 +62,7 @@ def _log_probs(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 # (figure, run, per-token measure, tokens it is averaged over): csc's over every predicted position, SAEBench's
-# over its non-special tokens (splice_scores' docstring).
+# over its non-special tokens (splice_scores' docstring). The runs without an SAE are CleanRuns'.
 _SPLICE_TERMS = (("ce_clean", "clean", "ce", "csc"), ("ce_spliced", "spliced", "ce", "csc"),
                  ("ce_ablated", "ablated", "ce", "csc"), ("kl_spliced", "spliced", "kl", "csc"),
                  ("kl_ablated", "ablated", "kl", "csc"),
@@ -74,13 +70,156 @@ _SPLICE_TERMS = (("ce_clean", "clean", "ce", "csc"), ("ce_spliced", "spliced", "
                  ("ce_loss_with_ablation", "sb_ablated", "ce", "sb_ce"),
                  ("kl_div_with_sae", "sb_spliced", "kl", "sb_kl"),
                  ("kl_div_with_ablation", "sb_ablated", "kl", "sb_kl"))
+_CLEAN_RUNS = ("clean", "ablated", "sb_ablated")
+
+
+@dataclass
+class _CleanBatch:
+    ids: torch.Tensor
+    """[b, T] the contexts of one LM batch."""
+    resid: torch.Tensor
+    """[b, T, d] their clean resid_post(L), in the LM's dtype and on its device."""
+    hidden: torch.Tensor
+    """[b * T, h] their clean final hidden states."""
+    bos: torch.Tensor
+    """[b, T] True at position 0 (csc's runs keep it clean)."""
+    in_s: torch.Tensor
+    """[b, T] True at SAEBench's special tokens (its spliced run keeps them clean)."""
+    masks: dict[str, torch.Tensor]
+    """Which of the b * T per-token terms each mean counts (1.0 or 0.0): "csc", "sb_ce", "sb_kl"."""
+
+
+@dataclass
+class CleanRuns:
+    """What splice_scores needs that no SAE changes, for one set of contexts: the clean run's resid_post(L) and
+    final hidden states of each LM batch, and the sums and token counts of every figure without an SAE (clean CE
+    and both ablations' CE and KL). A sweep makes it once and measures each trial's SAE against it
+    (`spliced_scores`): per SAE, one run from layer L on and two unembeddings per token instead of four full
+    forwards and four unembeddings."""
+    layer: int
+    batches: list[_CleanBatch]
+    sums: dict[str, float]
+    counts: dict[str, int]
+
+    @property
+    def nbytes(self) -> int:
+        """The memory its tensors hold."""
+        return sum(t.numel() * t.element_size() for b in self.batches
+                   for t in (b.ids, b.resid, b.hidden, b.bos, b.in_s, *b.masks.values()))
+
+
+def _per_token(model: nn.Module, hidden: dict[str, torch.Tensor], targets: torch.Tensor,
+               chunk_tokens: int) -> Iterable[tuple[slice, dict[str, dict[str, torch.Tensor]]]]:
+    """Per chunk of `chunk_tokens` tokens: {run: {"ce": CE [n], and but for "clean" "kl": KL(clean || run) [n]}}
+    over the final hidden states [N, h] of each run in `hidden` ("clean" among them)."""
+    for s in range(0, targets.numel(), chunk_tokens):
+        sl = slice(s, s + chunk_tokens)
+        clean = _log_probs(model, hidden["clean"][sl])
+        per_run = {"clean": {"ce": metrics.token_cross_entropy(clean, targets[sl])}}
+        for name, h in hidden.items():
+            if name != "clean":
+                other = _log_probs(model, h[sl])
+                per_run[name] = {"ce": metrics.token_cross_entropy(other, targets[sl]), "kl": metrics.token_kl(clean, other)}
+        yield sl, per_run
+
+
+def _accumulate(sums: dict[str, float], runs: Collection[str], masks: dict[str, torch.Tensor], sl: slice,
+                per_run: dict[str, dict[str, torch.Tensor]]) -> None:
+    for key, run, kind, tokens in _SPLICE_TERMS:
+        if run in runs:
+            sums[key] += (per_run[run][kind] * masks[tokens][sl]).sum().item()
+
+
+def _targets(ids: torch.Tensor) -> torch.Tensor:
+    return ids.roll(-1, dims=1).reshape(-1)  # ids[t + 1]; the last column is masked out
 
 
 @torch.inference_mode()
+def clean_runs(model: nn.Module, contexts: torch.Tensor, layer: int, special_ids: Collection[int],
+               lm_batch_size: int = 8, chunk_tokens: int = 128) -> CleanRuns:
+    """The runs without an SAE over `contexts` [n, T] (BOS first), `lm_batch_size` contexts per LM batch: one full
+    clean forward per batch (its resid_post(L) kept), both ablations from layer L on (splice_scores' docstring)."""
+    device = next(model.parameters()).device
+    special = torch.tensor(sorted(special_ids), device=device)
+    batches, sums = [], {key: 0.0 for key, run, *_ in _SPLICE_TERMS if run in _CLEAN_RUNS}
+    counts = {"csc": 0, "sb_ce": 0, "sb_kl": 0}
+    for ids in contexts.split(lm_batch_size):
+        ids = ids.to(device)
+        store: dict[str, torch.Tensor] = {}
+        handle = thread_hook(decoder_layers(model)[layer], lambda _m, _a, out: store.__setitem__("resid", out))
+        try:
+            clean = _final_hidden(model, ids, layer)
+        finally:
+            handle.remove()
+        resid = store["resid"]
+        if not isinstance(resid, torch.Tensor):
+            raise CscError(f"decoder layer {layer} returned {type(resid).__name__}, not a tensor: csc's evaluation "
+                           f"needs transformers 5's decoder layers")
+        bos = torch.zeros_like(ids, dtype=torch.bool)
+        bos[:, 0] = True
+        in_s = torch.isin(ids, special)
+        predicts = torch.ones_like(bos)
+        predicts[:, -1] = False  # the last token has no next token
+        masks = {k: m.reshape(-1).float() for k, m in
+                 {"csc": predicts, "sb_ce": predicts & ~in_s, "sb_kl": ~in_s}.items()}
+        zeros = torch.zeros_like(resid)
+        width = clean.shape[-1]
+        hidden = {"clean": clean.reshape(-1, width),
+                  "ablated": run_from_layer(model, ids, layer, torch.where(bos[..., None], resid, zeros)).reshape(-1, width),
+                  "sb_ablated": run_from_layer(model, ids, layer, zeros).reshape(-1, width)}
+        for sl, per_run in _per_token(model, hidden, _targets(ids), chunk_tokens):
+            _accumulate(sums, _CLEAN_RUNS, masks, sl, per_run)
+        for k, m in masks.items():
+            counts[k] += int(m.sum().item())
+        batches.append(_CleanBatch(ids, resid, hidden["clean"], bos, in_s, masks))
+    return CleanRuns(layer, batches, sums, counts)
+
+
+@torch.inference_mode()
+def spliced_scores(model: nn.Module, sae: SparseAutoencoder, clean: CleanRuns, scale: float,
+                   chunk_tokens: int = 128) -> dict[str, float]:
+    """splice_scores' figures for `sae` over the contexts of `clean`: the spliced runs resume from the clean
+    resid_post(L) (csc.activations.capture.run_from_layer), so each gives what a full forward gives, bit for bit."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    sae_device = sae.W_dec.device
+    sums = {**clean.sums, **{key: 0.0 for key, run, *_ in _SPLICE_TERMS if run not in _CLEAN_RUNS}}
+    for b in clean.batches:
+        x = b.resid
+        x_hat = (sae(x.reshape(-1, x.shape[-1]).to(sae_device, torch.float32) * scale).x_hat / scale
+                 ).to(device, dtype).reshape(x.shape)
+        keep = {"spliced": b.bos}
+        if not torch.equal(b.in_s, b.bos):  # else SAEBench's spliced run is csc's: one LM pass fewer
+            keep["sb_spliced"] = b.in_s
+        hidden = {"clean": b.hidden, **{name: run_from_layer(model, b.ids, clean.layer,
+                                                              torch.where(k[..., None], x, x_hat)).reshape(b.hidden.shape)
+                                        for name, k in keep.items()}}
+        for sl, per_run in _per_token(model, hidden, _targets(b.ids), chunk_tokens):
+            per_run.setdefault("sb_spliced", per_run["spliced"])
+            _accumulate(sums, ("spliced", "sb_spliced"), b.masks, sl, per_run)
+    mean = {key: sums[key] / clean.counts[tokens] for key, _, _, tokens in _SPLICE_TERMS}
+    return {"ce_clean": mean["ce_clean"], "ce_spliced": mean["ce_spliced"], "ce_ablated": mean["ce_ablated"],
+            "ce_loss_recovered": metrics.ce_loss_recovered(mean["ce_clean"], mean["ce_spliced"], mean["ce_ablated"]),
+            "delta_ce": mean["ce_spliced"] - mean["ce_clean"], "kl_spliced": mean["kl_spliced"],
+            "kl_ablated": mean["kl_ablated"], "ce_tokens": float(clean.counts["csc"]),
+            "ce_loss_score": metrics.ce_loss_recovered(mean["ce_loss_without_sae"], mean["ce_loss_with_sae"],
+                                                       mean["ce_loss_with_ablation"]),
+            "ce_loss_with_sae": mean["ce_loss_with_sae"], "ce_loss_without_sae": mean["ce_loss_without_sae"],
+            "ce_loss_with_ablation": mean["ce_loss_with_ablation"],
+            "kl_div_score": metrics.kl_div_score(mean["kl_div_with_sae"], mean["kl_div_with_ablation"]),
+            "kl_div_with_sae": mean["kl_div_with_sae"], "kl_div_with_ablation": mean["kl_div_with_ablation"]}
+
+
 def splice_scores(model: nn.Module, sae: SparseAutoencoder, contexts: torch.Tensor, layer: int, scale: float,
                   special_ids: Collection[int], lm_batch_size: int = 8, chunk_tokens: int = 128) -> dict[str, float]:
     """CE clean / spliced / zero-ablated, CE loss recovered, delta CE = CE_spliced - CE_clean (nats) and mean
-    KL(clean || spliced / ablated), over `contexts` [n, T] (BOS first) and every predicted position (t < T - 1).
+    KL(clean || spliced / ablated), over `contexts` [n, T] (BOS first) and every predicted position (t < T - 1):
+
+        clean    the model as it is
+        spliced  resid_post(L) -> decode(encode(x * scale)) / scale at every position but BOS (the SAE never
+                 trains on BOS)
+        ablated  resid_post(L) -> 0 at every position but BOS
+
     The keys come in that order, delta CE and KL right after CE loss recovered: a ratio alone hides its scale
     ("0.89 recovered" can be +1.8 nats).
 
@@ -98,59 +237,10 @@ def splice_scores(model: nn.Module, sae: SparseAutoencoder, contexts: torch.Tens
         ce_loss_score     (ce_loss_with_ablation - ce_loss_with_sae) / (ce_loss_with_ablation - ce_loss_without_sae)
         kl_div_score      (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation
 
-    Every mean is over tokens pooled across all contexts, as SAEBench's torch.cat(...).mean() over its batches."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    sae_device = sae.W_dec.device
-    width = model.config.get_text_config().hidden_size
-    special = torch.tensor(sorted(special_ids), device=device)
-
-    def through_sae(x: torch.Tensor) -> torch.Tensor:
-        x_hat = sae(x.reshape(-1, x.shape[-1]).to(sae_device, torch.float32) * scale).x_hat
-        return (x_hat / scale).to(device, dtype).reshape(x.shape)
-
-    sums = {key: 0.0 for key, *_ in _SPLICE_TERMS}
-    counts = {"csc": 0, "sb_ce": 0, "sb_kl": 0}
-    for ids in contexts.split(lm_batch_size):
-        ids = ids.to(device)
-        bos = torch.zeros_like(ids, dtype=torch.bool)
-        bos[:, 0] = True
-        in_s = torch.isin(ids, special)
-        runs = {"spliced": (through_sae, bos), "ablated": (torch.zeros_like, bos),
-                "sb_ablated": (torch.zeros_like, torch.zeros_like(bos))}
-        if not torch.equal(in_s, bos):  # else SAEBench's spliced run is csc's: one LM pass fewer
-            runs["sb_spliced"] = (through_sae, in_s)
-        hidden = {"clean": _final_hidden(model, ids, layer).reshape(-1, width),
-                  **{name: _final_hidden(model, ids, layer, *run).reshape(-1, width) for name, run in runs.items()}}
-        predicts = torch.ones_like(bos)
-        predicts[:, -1] = False  # the last token has no next token
-        masks = {"csc": predicts, "sb_ce": predicts & ~in_s, "sb_kl": ~in_s}
-        masks = {k: m.reshape(-1).float() for k, m in masks.items()}
-        targets = ids.roll(-1, dims=1).reshape(-1)  # ids[t + 1]; the last column is masked out
-        for s in range(0, targets.numel(), chunk_tokens):
-            sl = slice(s, s + chunk_tokens)
-            clean = _log_probs(model, hidden["clean"][sl])
-            per_run = {"clean": {"ce": metrics.token_cross_entropy(clean, targets[sl])}}
-            for name in runs:
-                other = _log_probs(model, hidden[name][sl])
-                per_run[name] = {"ce": metrics.token_cross_entropy(other, targets[sl]),
-                                 "kl": metrics.token_kl(clean, other)}
-            per_run.setdefault("sb_spliced", per_run["spliced"])
-            for key, run, kind, tokens in _SPLICE_TERMS:
-                sums[key] += (per_run[run][kind] * masks[tokens][sl]).sum().item()
-        for k, m in masks.items():
-            counts[k] += int(m.sum().item())
-    mean = {key: sums[key] / counts[tokens] for key, _, _, tokens in _SPLICE_TERMS}
-    return {"ce_clean": mean["ce_clean"], "ce_spliced": mean["ce_spliced"], "ce_ablated": mean["ce_ablated"],
-            "ce_loss_recovered": metrics.ce_loss_recovered(mean["ce_clean"], mean["ce_spliced"], mean["ce_ablated"]),
-            "delta_ce": mean["ce_spliced"] - mean["ce_clean"], "kl_spliced": mean["kl_spliced"],
-            "kl_ablated": mean["kl_ablated"], "ce_tokens": float(counts["csc"]),
-            "ce_loss_score": metrics.ce_loss_recovered(mean["ce_loss_without_sae"], mean["ce_loss_with_sae"],
-                                                       mean["ce_loss_with_ablation"]),
-            "ce_loss_with_sae": mean["ce_loss_with_sae"], "ce_loss_without_sae": mean["ce_loss_without_sae"],
-            "ce_loss_with_ablation": mean["ce_loss_with_ablation"],
-            "kl_div_score": metrics.kl_div_score(mean["kl_div_with_sae"], mean["kl_div_with_ablation"]),
-            "kl_div_with_sae": mean["kl_div_with_sae"], "kl_div_with_ablation": mean["kl_div_with_ablation"]}
+    Every mean is over tokens pooled across all contexts, as SAEBench's torch.cat(...).mean() over its batches.
+    One SAE's measurement: clean_runs, then spliced_scores (a sweep keeps the first for every trial)."""
+    return spliced_scores(model, sae, clean_runs(model, contexts, layer, special_ids, lm_batch_size, chunk_tokens),
+                          scale, chunk_tokens)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ from csc.config import TrainRunSpec
 from csc.errors import CscError, InputError
 from csc.pipeline import dashboard, plots
 from csc.pipeline.absorption import ABSORPTION_METRICS, AbsorptionSet, absorption_scores, absorption_set
-from csc.pipeline.evaluate import (SAEBENCH_BATCH_PROMPTS, locality_scores, reconstruction_scores,
-                                   saebench_sparsity_scores, special_token_ids, splice_scores)
+from csc.pipeline.evaluate import (SAEBENCH_BATCH_PROMPTS, CleanRuns, clean_runs, locality_scores,
+                                   reconstruction_scores, saebench_sparsity_scores, special_token_ids, spliced_scores)
 from csc.pipeline.probing import PROBING_METRICS, held_out_labels, probing_scores
 from csc.sae.batch import ActivationBatch
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
@@ -145,8 +146,8 @@ def train_run(spec: TrainRunSpec, out: Path, *, resume: bool = False, acts: Acti
 
 def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
                  splice: Callable[[SparseAutoencoder], dict[str, float]] | None = None,
-                 labels: ProbeLabels | None = None, absorption: AbsorptionSet | None = None
-                 ) -> tuple[dict[str, float], DensityHistogram]:
+                 labels: ProbeLabels | None = None, absorption: AbsorptionSet | None = None,
+                 seconds: dict[str, float] | None = None) -> tuple[dict[str, float], DensityHistogram]:
     """Held-out reconstruction and contrastive metrics over every eval token, context locality over every eval
     context, and CE/KL (with SAEBench's figures) over `eval.ce_contexts` contexts. Held-out batches have the
     training batch size (capped to the held-out anchors), so held-out nce has the training nce's negatives per
@@ -159,16 +160,31 @@ def evaluate_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSource,
     default `acts` holds it. Sparse probing (csc.pipeline.probing) pools codes over `labels`, the probing set that
     the tokenizer's holder derives (held_out_labels); by default from `acts`. Feature absorption
     (csc.pipeline.absorption, with eval.absorption) reads `absorption`, the LM's part that the LM's holder makes
-    (absorption_set); by default from `acts`."""
+    (absorption_set); by default from `acts`. `seconds` gets what each part took: eval_held_out, eval_ce_kl,
+    eval_probing, eval_absorption (csc.sweep.reported.WALL_TIME)."""
+    seconds = {} if seconds is None else seconds
     sae = sae.to("cpu").eval()
-    results, hist = held_out_scores(spec, sae, acts)
-    results["decoder_mean_max_cos"] = metrics.decoder_max_cosine(sae.W_dec)
-    results.update(splice(sae) if splice is not None else splice_run(spec, sae, acts))
-    results.update(probing_scores(spec, sae, acts, labels if labels is not None else held_out_labels(spec, acts)))
+    with _timed(seconds, "eval_held_out"):
+        results, hist = held_out_scores(spec, sae, acts)
+        results["decoder_mean_max_cos"] = metrics.decoder_max_cosine(sae.W_dec)
+    with _timed(seconds, "eval_ce_kl"):
+        results.update(splice(sae) if splice is not None else splice_run(spec, sae, acts))
+    with _timed(seconds, "eval_probing"):
+        results.update(probing_scores(spec, sae, acts, labels if labels is not None else held_out_labels(spec, acts)))
     if spec.eval.absorption:
-        data = absorption if absorption is not None else absorption_set(spec, acts)
-        results.update(absorption_scores(sae, data, acts.scale, spec.eval.absorption_seed))
+        with _timed(seconds, "eval_absorption"):
+            data = absorption if absorption is not None else absorption_set(spec, acts)
+            results.update(absorption_scores(sae, data, acts.scale, spec.eval.absorption_seed))
     return results, hist
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -187,18 +203,26 @@ def held_out_scores(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSourc
     return results, hist
 
 
-def splice_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: Activations) -> dict[str, float]:
-    """What needs the LM or its tokenizer: CE/KL with `sae` spliced into the LM over the first `eval.ce_contexts`
-    held-out contexts (csc's and SAEBench's), and SAEBench's sparsity and legacy variance figures over every
-    held-out context (they drop the tokenizer's BOS/EOS/PAD tokens)."""
+def clean_runs_of(spec: TrainRunSpec, acts: Activations) -> CleanRuns:
+    """The CE/KL evaluation's runs without an SAE over the first `eval.ce_contexts` held-out contexts."""
     e = spec.eval
     S = spec.activations.contexts_per_shard
     n_ctx = min(e.ce_contexts, acts.n_shards["eval"] * S)
     contexts = torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
-    special = special_token_ids(acts.lm)
-    results = splice_scores(acts.lm.model, sae, contexts, spec.activations.layer, acts.scale, special,
-                            lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens)
-    results.update(saebench_sparsity_scores(sae, _held_out_contexts(acts, SAEBENCH_BATCH_PROMPTS), special))
+    return clean_runs(acts.lm.model, contexts, spec.activations.layer, special_token_ids(acts.lm),
+                      lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens)
+
+
+def splice_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: Activations,
+               clean: CleanRuns | None = None) -> dict[str, float]:
+    """What needs the LM or its tokenizer: CE/KL with `sae` spliced into the LM over the first `eval.ce_contexts`
+    held-out contexts (csc's and SAEBench's; `clean`: clean_runs_of(spec, acts), made here when not given), and
+    SAEBench's sparsity and legacy variance figures over every held-out context (they drop the tokenizer's
+    BOS/EOS/PAD tokens)."""
+    results = spliced_scores(acts.lm.model, sae, clean if clean is not None else clean_runs_of(spec, acts),
+                             acts.scale, spec.eval.chunk_tokens)
+    results.update(saebench_sparsity_scores(sae, _held_out_contexts(acts, SAEBENCH_BATCH_PROMPTS),
+                                            special_token_ids(acts.lm)))
     return results
 
 

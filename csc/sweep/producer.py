@@ -8,9 +8,12 @@ After serving shard i a replica prefetches the next ones it owns (i + replicas, 
 
 What is made once is replica 0's: the normalisation scale (from train shard 0, which it owns), the sparse-probing
 set (the tokenizer's one job), feature absorption's LM part (its prompts' activations and the LM's letter probe),
-the CE/KL evaluation of a trial's SAE and its dashboard's logit tables and token strings. The shards that this work
-reads and another replica owns come from their owner. All LM work of a replica runs on one thread, so its model is
-never used concurrently. Besides the spec's shards, the pool serves the held-out shards that the probing set reads.
+and the CE/KL evaluation's runs without an SAE (csc.pipeline.evaluate.CleanRuns). Replica 0 also measures each
+trial's SAE by CE/KL and makes its dashboard's logit tables and token strings. The shards that this work reads and
+another replica owns come from their owner. A replica's shard production runs on one thread (`lm`) and the
+evaluation on another (`eval`), so measuring a trial's SAE does not hold up the shards the other trials wait for;
+the two threads share the model, whose hooks and skipped layers are per thread (csc.activations.capture). Besides
+the spec's shards, the pool serves the held-out shards that the probing set reads.
 
 Memory: each replica holds at most `memory_mb` of shards. Readers (trials) name themselves in their requests; a
 shard that every live reader has asked for in its current pass is spent. When the bound is reached, spent shards
@@ -49,7 +52,8 @@ from csc.config import TrainRunSpec
 from csc.pipeline.absorption import AbsorptionSet, absorption_set
 from csc.pipeline.dashboard import LmTables, lm_tables
 from csc.pipeline.probing import held_out_labels
-from csc.pipeline.run import splice_run
+from csc.pipeline.evaluate import CleanRuns
+from csc.pipeline.run import clean_runs_of, splice_run
 from csc.sae.archs import build_sae
 from csc.sae.config import parse_sae_config
 from csc.sae.model import SparseAutoencoder
@@ -121,10 +125,12 @@ class ActivationProducer:
                  replicas: int = 1, sweep: str = ""):
         self.spec = TrainRunSpec.model_validate_json(spec_json)
         self.replica, self.replicas, self.sweep = replica, replicas, sweep
-        self.acts = _ReplicaActivations(self.spec, store, self._read_for_lm)
+        self.acts = _ReplicaActivations(self.spec, store, self._read)
         self.memory_bytes = memory_mb * 2**20
         self.prefetch = prefetch
         self._lm = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm")
+        self._lm_thread = self._lm.submit(threading.current_thread).result()
+        self._eval = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
         self._lock = threading.RLock()  # re-entered when a future is already done as its callback is added
         self._memory: OrderedDict[tuple[Split, int], Shard] = OrderedDict()
         self._held = 0
@@ -135,7 +141,8 @@ class ActivationProducer:
         self._probing: list[int] | None = None
         self._once: dict[str, Future] = {}  # what is made once for every trial, by name
         self.counts = {"requests": 0, "memory_hits": 0, "waited_on_pending": 0, "evaluations": 0,
-                       "lm_shards_recomputed": 0, "evicted": 0}
+                       "evaluation_seconds": 0.0, "clean_runs_seconds": 0.0, "lm_shards_recomputed": 0, "evicted": 0}
+        self._clean: CleanRuns | None = None  # made by the first evaluation, on the evaluation thread
         self._restarted = _restarted_actor()
 
     def info(self) -> dict[str, Any]:
@@ -214,12 +221,15 @@ class ActivationProducer:
             read.clear()
         read.add(key[1])
 
-    def _read_for_lm(self, split: Split, i: int) -> Shard:
-        """A shard that the LM work made here reads, on the LM thread: its owner's, or this replica's own, made on
-        this thread (a request queued behind this work then finds it in memory)."""
+    def _read(self, split: Split, i: int) -> Shard:
+        """A shard that the work made here reads: its owner's; or this replica's own, made right here on the LM
+        thread (a request queued behind this work then finds it in memory), or asked of the LM thread from the
+        evaluation's."""
         if i % self.replicas != self.replica:
             return ray.get(self._replica(i % self.replicas).shard.remote(split, i))
-        return self._make((split, i))
+        if threading.current_thread() is self._lm_thread:
+            return self._make((split, i))
+        return self.shard(split, i)
 
     def _replica(self, r: int):
         if r not in self._handles:
@@ -268,15 +278,29 @@ class ActivationProducer:
             self.counts["evicted"] += 1
 
     def splice(self, sae_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, float]:
-        """CE/KL on held-out contexts with a trial's SAE spliced into the LM."""
+        """CE/KL on held-out contexts with a trial's SAE spliced into the LM, on the evaluation thread, against the
+        runs without an SAE that the first call makes."""
         sae = build_sae(parse_sae_config(sae_cfg)).load_tensors(state, "a trial's SAE").eval()
         with self._lock:  # trials call in parallel (max_concurrency)
             self.counts["evaluations"] += 1
-        return self._lm.submit(splice_run, self.spec, sae, self.acts).result()
+        return self._eval.submit(self._timed, "evaluation_seconds", self._splice, sae).result()
+
+    def _splice(self, sae: SparseAutoencoder) -> dict[str, float]:
+        if self._clean is None:
+            self._clean = self._timed("clean_runs_seconds", clean_runs_of, self.spec, self.acts)
+        return splice_run(self.spec, sae, self.acts, self._clean)
+
+    def _timed(self, counter: str, fn: Callable[..., Any], *args) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.counts[counter] += time.perf_counter() - t0
 
     def logit_tables(self, directions: torch.Tensor, token_ids: list[int]) -> LmTables:
         """A trial's dashboard: the logit lens of its latents' decoder directions and the text of its tokens."""
-        return self._lm.submit(lambda: lm_tables(self.acts.lm, directions, token_ids)).result()
+        return self._eval.submit(lambda: lm_tables(self.acts.lm, directions, token_ids)).result()
 
     def stats(self) -> dict[str, float | str]:
         """This replica's counters, since its process started:
@@ -285,6 +309,9 @@ class ActivationProducer:
             memory_hits           those answered from memory
             waited_on_pending     those that found their shard being made and waited for it
             evaluations           CE/KL evaluations of a trial's SAE
+            evaluation_seconds    the seconds they took on the evaluation thread, clean_runs_seconds among them
+            clean_runs_seconds    the seconds the runs without an SAE took (once)
+            clean_runs_mb         the memory those runs hold (csc.pipeline.evaluate.CleanRuns)
             lm_shards_computed    LM runs, one per shard made (the rest were read from the disk cache)
             lm_shards_recomputed  those of them for a shard this process had made before (evicted, store memory)
             lm_tokens, lm_seconds tokens the LM forwarded for those shards, and the seconds it took
@@ -299,6 +326,7 @@ class ActivationProducer:
                     "lm_shards_computed": self.acts.lm_shards_computed,
                     "lm_tokens": self.acts.lm_tokens, "lm_seconds": self.acts.lm_seconds,
                     "memory_shards": len(self._memory), "memory_mb": self._held / 2**20,
+                    "clean_runs_mb": self._clean.nbytes / 2**20 if self._clean is not None else 0.0,
                     "restarted": int(self._restarted)}
 
 
@@ -354,6 +382,7 @@ class RemoteActivations:
         self.n_shards: dict[Split, int] = info["n_shards"]
         self.scale: float = info["scale"]
         self._next: tuple[tuple[Split, int], ray.ObjectRef] | None = None
+        self.waited = 0.0  # seconds spent waiting for shards
 
     def _ask(self, split: Split, i: int) -> ray.ObjectRef:
         return self.replicas[i % len(self.replicas)].shard.remote(split, i, self.reader)
@@ -367,7 +396,11 @@ class RemoteActivations:
         if i < self.n_shards[split]:  # beyond, a probing shard: which one follows is probing's to know
             nxt = (i + 1) % self.n_shards[split]  # a training pass wraps around to shard 0
             self._next = ((split, nxt), self._ask(split, nxt))
-        return ray.get(ref)
+        start = time.perf_counter()
+        try:
+            return ray.get(ref)
+        finally:
+            self.waited += time.perf_counter() - start
 
     def release(self) -> list[ray.ObjectRef]:
         """Tell every replica this reader is done; not waited for (a dead replica must not fail the caller)."""

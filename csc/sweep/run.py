@@ -32,7 +32,7 @@ from csc.sweep.cluster import check_cluster
 from csc.sweep.layout import STATE_FILE, TRIALS_FILE, trial_name
 from csc.sweep.outcomes import CONFIGS_FILE, TrialRecords, error_reason
 from csc.sweep.producer import NAMESPACE, pool_stats, start_pool
-from csc.sweep.reported import EVAL_PREFIX
+from csc.sweep.reported import EVAL_PREFIX, TIME_PREFIX, WALL_TIME
 from csc.sweep.scheduler import load_halving, scheduler, scheduler_line
 from csc.sweep.search import searcher, table_columns
 from csc.sweep.spec import SweepSpec
@@ -304,9 +304,16 @@ def sweep_summary(sweep_dir: Path) -> str:
                      + (f"; {recomputed:.0f} of them again, after their eviction" if recomputed else "")
                      + f") for {st['requests']:.0f} shard requests, {st['memory_hits']:.0f} of them from memory; "
                      f"{st['evaluations']:.0f} CE/KL evaluations"
+                     + (f" ({st['evaluation_seconds']:.1f} s beside the shards, {st['clean_runs_seconds']:.1f} s of it "
+                        f"the runs without an SAE, made once)" if st.get("evaluation_seconds") else "")
                      + (f"; {st['lm_tokens'] / trained:.3f} LM tokens per trained token" if trained else "")
                      + (f"; replicas restarted: {st['restarted']:.0f} (their counts start at the restart)"
                         if st.get("restarted") else ""))
+    timed = [r["metrics"] for r in rows if TIME_PREFIX + "train" in r["metrics"]]
+    if timed:
+        lines.append(f"where the trials' time went (seconds, summed over the {len(timed)} that reported it): "
+                     + ", ".join(f"{label} {sum(m.get(TIME_PREFIX + key, 0.0) for m in timed):.0f}"
+                                 for key, label in WALL_TIME))
     objectives = [(o.metric, o.mode) for o in spec.sweep.objectives]
     configs = report.configurations(rows)
     by_config = report.repeated(configs)

@@ -7,7 +7,8 @@ figures of its SAE on a fixed held-out slice (csc.pipeline.rung: heldout/..., wh
 which Tune resumes a paused, retried or interrupted trial at the same batch. After the last step it evaluates
 on held-out tokens (CE/KL in the producer; sparse probing and feature absorption here, over the probing set and
 the absorption prompts' activations and LM letter probe that the producer made) and sends one final report with
-the held-out figures under `eval/` and a last checkpoint, which also holds
+the held-out figures under `eval/`, where its wall time went under `time/` (csc.sweep.reported.WALL_TIME), and a
+last checkpoint, which also holds
 eval.json and the feature dashboard (dashboard.html: statistics and contexts computed here, logit tables and
 token strings in the producer, so the trial never loads the LM).
 All trials read the same batches in the same order (the base spec's trainer.seed), so they differ only
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from csc.sae.checkpoint import load_checkpoint, save_checkpoint
 from csc.sae.export import save_sae
 from csc.sae.trainer import Hook, Metrics, Trainer
 from csc.sweep.producer import RemoteActivations
-from csc.sweep.reported import EVAL_PREFIX
+from csc.sweep.reported import EVAL_PREFIX, TIME_PREFIX
 from csc.sweep.spec import SweepSpec
 
 
@@ -78,18 +80,19 @@ class TuneReport(Hook):
 
 
 def run_trial(config: dict[str, Any], *, spec_json: str, sweep: str, threads: int) -> None:
+    started = time.perf_counter()
     torch.set_num_threads(threads)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Checkpoint successfully created" line per report
     base = SweepSpec.model_validate_json(spec_json)
     spec = base.trial(config)
     acts = RemoteActivations(spec, sweep)
     try:
-        _train_and_evaluate(base, spec, acts)
+        _train_and_evaluate(base, spec, acts, started)
     finally:  # a trial killed outright never gets here: its reader's lease runs out instead
         acts.release()
 
 
-def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivations) -> None:
+def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivations, started: float) -> None:
     sae_cfg = spec.sae.model_copy(update={"d_in": acts.d_model})
 
     restored = tune.get_checkpoint()
@@ -101,8 +104,10 @@ def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivat
     # The held-out slice is read before the first batch, so that its shards do not displace training's prefetch.
     hook = TuneReport(spec, acts.scale, ray.get_runtime_context().get_node_id(), trainer.step if restored else 0,
                       trainer, HeldOutSlice(spec, acts))
+    seconds = {"startup": time.perf_counter() - started}
     # A trial restored from its final checkpoint (the driver died before Tune recorded it as done) trains no
     # step: its final report carries the checkpoint's last report, so it has what Optuna and ASHA read.
+    start, waited = time.perf_counter(), acts.waited
     if not trainer.done:
         # The data order is the base spec's, whatever seed a trial searches, so trials compare fairly.
         trainer.fit(training_stream(acts, spec.trainer.batch_size, base.trainer.seed,
@@ -110,11 +115,15 @@ def _train_and_evaluate(base: SweepSpec, spec: TrainRunSpec, acts: RemoteActivat
 
     # The final report: ASHA stops a trial once it reaches trainer.steps, so nothing may come after it. Its rung
     # figures first: evaluate_run moves the SAE to the CPU for good.
+    seconds.update(train=time.perf_counter() - start, shard_wait=acts.waited - waited)
     report = hook.tag(trainer.last_report, trainer)
     results, hist = evaluate_run(spec, trainer.model, acts, splice=acts.splice, labels=acts.probe_labels(),
-                                 absorption=acts.absorption() if spec.eval.absorption else None)
+                                 absorption=acts.absorption() if spec.eval.absorption else None, seconds=seconds)
+    start = time.perf_counter()
     page = dashboard.build(spec, trainer.model, acts, results, tables=acts.logit_tables)
+    seconds["dashboard"] = time.perf_counter() - start
     report.update({EVAL_PREFIX + k: v for k, v in results.items()})
+    report.update({TIME_PREFIX + k: v for k, v in seconds.items()})
     # the density histogram as data: trial workers import no matplotlib, the driver draws it (csc.sweep.outcomes)
     _report(report, trainer, spec, acts.scale, {"eval.json": json.dumps(results, indent=1), dashboard.FILE: page,
                                                 DENSITY_FILE: hist.to_json()})
