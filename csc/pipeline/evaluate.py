@@ -119,7 +119,8 @@ def _per_token(model: nn.Module, hidden: dict[str, torch.Tensor], targets: torch
         for name, h in hidden.items():
             if name != "clean":
                 other = _log_probs(model, h[sl])
-                per_run[name] = {"ce": metrics.token_cross_entropy(other, targets[sl]), "kl": metrics.token_kl(clean, other)}
+                per_run[name] = {"ce": metrics.token_cross_entropy(other, targets[sl]),
+                                 "kl": metrics.token_kl(clean, other)}
         yield sl, per_run
 
 
@@ -163,10 +164,9 @@ def clean_runs(model: nn.Module, contexts: torch.Tensor, layer: int, special_ids
         masks = {k: m.reshape(-1).float() for k, m in
                  {"csc": predicts, "sb_ce": predicts & ~in_s, "sb_kl": ~in_s}.items()}
         zeros = torch.zeros_like(resid)
-        width = clean.shape[-1]
-        hidden = {"clean": clean.reshape(-1, width),
-                  "ablated": run_from_layer(model, ids, layer, torch.where(bos[..., None], resid, zeros)).reshape(-1, width),
-                  "sb_ablated": run_from_layer(model, ids, layer, zeros).reshape(-1, width)}
+        ablated = {"ablated": torch.where(bos[..., None], resid, zeros), "sb_ablated": zeros}
+        hidden = {"clean": clean, **{name: run_from_layer(model, ids, layer, x) for name, x in ablated.items()}}
+        hidden = {name: h.reshape(-1, h.shape[-1]) for name, h in hidden.items()}
         for sl, per_run in _per_token(model, hidden, _targets(ids), chunk_tokens):
             _accumulate(sums, _CLEAN_RUNS, masks, sl, per_run)
         for k, m in masks.items():
@@ -191,9 +191,10 @@ def spliced_scores(model: nn.Module, sae: SparseAutoencoder, clean: CleanRuns, s
         keep = {"spliced": b.bos}
         if not torch.equal(b.in_s, b.bos):  # else SAEBench's spliced run is csc's: one LM pass fewer
             keep["sb_spliced"] = b.in_s
-        hidden = {"clean": b.hidden, **{name: run_from_layer(model, b.ids, clean.layer,
-                                                              torch.where(k[..., None], x, x_hat)).reshape(b.hidden.shape)
-                                        for name, k in keep.items()}}
+        hidden = {"clean": b.hidden}
+        for name, k in keep.items():
+            hidden[name] = run_from_layer(model, b.ids, clean.layer, torch.where(k[..., None], x, x_hat)
+                                          ).reshape(b.hidden.shape)
         for sl, per_run in _per_token(model, hidden, _targets(b.ids), chunk_tokens):
             per_run.setdefault("sb_spliced", per_run["spliced"])
             _accumulate(sums, ("spliced", "sb_spliced"), b.masks, sl, per_run)
