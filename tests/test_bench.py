@@ -403,3 +403,20 @@ def test_eval_noise_on_two_tiny_runs(tmp_path):
     table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert set(table) == {"figure", "delta_ce", "kl_spliced"}
     assert len(table["delta_ce"][1].split("/")) == 3 and table["delta_ce"][2].strip() != "-"
+
+
+def test_sweep_amortisation_on_the_tiny_model(tmp_path):
+    """bench/sweep_amortisation.py's three arms at K = 2 (shared producer, own LM, one process): the one-process arm
+    runs the LM once for both trainers, as the shared producer does; the issue's target line is printed."""
+    spec = tmp_path / "tiny.yaml"  # the bench sets steps to one pass over --train-tokens (7 batches of 32 here)
+    spec.write_text("model: {name: tiny-gemma2}\nactivations: {layer: 2, context_length: 16, contexts_per_shard: 4, "
+                    "eval_tokens: 64}\nsae: {dict_size: 32}\ntrainer: {steps: 1, batch_size: 32, log_every: 4}\n")
+    out = run("sweep_amortisation.py", "--spec", str(spec), "--k", "2", "--train-tokens", "256",
+              "--set", "trainer.lr=1e-3", cache=tmp_path / "cache")
+    header = next(line for line in out.splitlines() if line.startswith("| K |"))
+    assert "wall one process" in header and "service cost per trial (shared - one) / K" in header
+    row = [c.strip() for c in next(line for line in out.splitlines() if line.startswith("| 2 |")).split("|")[1:-1]]
+    assert len(row) == len(header.split("|")) - 2
+    shared, own, one = float(row[1]), float(row[2]), float(row[9])
+    assert one == pytest.approx(own / 2, abs=1e-3) and one == pytest.approx(shared, abs=1e-3)  # the LM ran once
+    assert "Target (issue 30)" in out and "K=8 not run" in out
