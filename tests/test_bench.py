@@ -420,3 +420,81 @@ def test_sweep_amortisation_on_the_tiny_model(tmp_path):
     shared, own, one = float(row[1]), float(row[2]), float(row[9])
     assert one == pytest.approx(own / 2, abs=1e-3) and one == pytest.approx(shared, abs=1e-3)  # the LM ran once
     assert "Target (issue 30)" in out and "K=8 not run" in out
+
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_absorption_seeds_on_four_tiny_runs(tmp_path, capsys):
+    """bench/absorption_seeds.py: one LM part per probe seed, shared by the four SAEs; each SAE's absorption at each
+    probe seed is what absorption_scores gives it on the LM part made at that eval.absorption_seed; the paired table
+    holds the differences from the twin of the same trainer.seed, (b) their pooled probe-seed sd; a probe seed whose
+    LM probe finds too few letters shows "-" and stays out of the verdict."""
+    import math
+    import statistics
+
+    from csc.activations.source import Activations
+    from csc.config import TrainRunSpec
+    from csc.pipeline.absorption import absorption_scores, absorption_set
+    from csc.pipeline.run import train_run
+    from csc.sae.export import load_sae
+    from csc.spec_loader import load_spec
+
+    absorption_seeds = _bench_module("absorption_seeds")
+    # Layer 2 of the tiny LM (52 words): its letter probe finds letters at absorption seeds 5 and 21, none at 0
+    tiny = ["model.name=tiny-gemma2", "activations.layer=2", "activations.context_length=32",
+            "activations.contexts_per_shard=8", "activations.lm_batch_size=4", "activations.train_tokens=512",
+            "activations.eval_tokens=256", f"activations.cache_dir={tmp_path / 'cache'}", "sae.dict_size=32",
+            "trainer.steps=40", "trainer.batch_size=32", "trainer.lr_warmup_steps=2", "trainer.beta_warmup_steps=2",
+            "trainer.gamma_warmup_steps=2", "trainer.log_every=20", "eval.ce_contexts=4", "eval.absorption=false",
+            "eval.absorption_min_letters=1", "eval.probe_examples_per_class=16"]
+    runs = {}
+    for gamma in (0.0, 0.5):
+        for seed in (0, 1):
+            spec = load_spec(TrainRunSpec, None, [*tiny, f"trainer.seed={seed}", f"trainer.gamma={gamma}"])
+            runs[gamma, seed] = tmp_path / f"gamma{gamma}-seed{seed}"
+            train_run(spec, runs[gamma, seed])
+    twins, paired = [str(runs[0.0, s]) for s in (0, 1)], [str(runs[0.5, s]) for s in (0, 1)]
+    absorption_seeds.main([*twins, "--paired", *paired, "--seeds", "0", "5", "21"])
+    out, err = capsys.readouterr()
+    assert out.startswith(f"$ python bench/absorption_seeds.py {' '.join(twins)} --paired {' '.join(paired)} "
+                          f"--seeds 0 5 21\n")
+    parts = [line for line in out.splitlines() if line.startswith("probe seed ")]
+    assert [p.split(":")[0] for p in parts] == ["probe seed 0", "probe seed 5", "probe seed 21"]  # one each
+    assert parts[0].endswith("no figures") and err.count("LM part (") == 6  # started and done, once per seed
+
+    # The figures themselves, computed here as a run computes them, at each probe seed
+    direct = {}
+    for probe_seed in (5, 21):  # the four specs differ only in trainer fields: one LM part (from the last) for all
+        at_seed = spec.model_copy(update={"eval": spec.eval.model_copy(update={"absorption_seed": probe_seed})})
+        lm_part = absorption_set(at_seed, Activations(at_seed))
+        for key, folder in runs.items():
+            sae, meta = load_sae(folder / "sae")
+            direct[key, probe_seed] = absorption_scores(sae, lm_part, meta["csc_norm_scale"], probe_seed)
+            assert "absorption_fraction" in direct[key, probe_seed], "the tiny LM's probe no longer finds a letter"
+
+    def table(title: str) -> dict[str, list[str]]:
+        block = out.split(f"### {title}\n\n")[1].split("\n\n")[0]
+        rows = [[c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines()[2:]]
+        return {r[0]: r[1:] for r in rows}
+
+    def mean_sd(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    for figure in ("absorption_fraction", "absorption_full"):
+        per_sae = table(f"{figure} per SAE")
+        assert set(per_sae) == {str(folder) for folder in runs.values()}
+        for (gamma, seed), folder in runs.items():
+            values = [direct[(gamma, seed), s][figure] for s in (5, 21)]
+            arm = "twin" if gamma == 0 else "paired"
+            assert per_sae[str(folder)] == [str(seed), arm, "-", *(f"{v:.4f}" for v in values), mean_sd(values)]
+        pairs = table(f"{figure}, paired: SAE minus the twin of its trainer.seed")
+        diffs = {seed: [direct[(0.5, seed), s][figure] - direct[(0.0, seed), s][figure] for s in (5, 21)]
+                 for seed in (0, 1)}
+        assert pairs == {str(runs[0.5, seed]): [str(runs[0.0, seed]), str(seed), "-",
+                                                *(f"{d:.4f}" for d in diffs[seed]), mean_sd(diffs[seed])]
+                         for seed in (0, 1)}
+        verdict = out.split(f"Verdict for {figure}, over the 2 probe seeds at which every SAE has it "
+                            f"(left out: probe seed 0):\n")[1]
+        pooled = math.sqrt(statistics.fmean(statistics.variance(d) for d in diffs.values()))
+        assert f"(b)  probe-seed sd of a paired difference (pooled over 2 pairs): {pooled:.4f};" in verdict
+        assert "  verdict: " in verdict.split("\n\n")[0]
