@@ -422,7 +422,6 @@ def test_sweep_amortisation_on_the_tiny_model(tmp_path):
     assert "Target (issue 30)" in out and "K=8 not run" in out
 
 
-
 @pytest.mark.usefixtures("one_torch_thread")
 def test_absorption_seeds_on_four_tiny_runs(tmp_path, capsys):
     """bench/absorption_seeds.py: one LM part per probe seed, shared by the four SAEs; each SAE's absorption at each
