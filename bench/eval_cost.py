@@ -12,11 +12,13 @@ rows taking turns in every round):
                       (csc.activations.capture.run_from_layer) and two unembeddings (clean again, spliced)
   now, once           clean_runs: one full forward (its resid_post(L) kept), both ablations from layer L + 1 on,
                       three unembeddings
+  now, one SAE alone  splice_scores (`csc train`, `csc eval`): the clean forward, three runs from layer L + 1 on,
+                      four unembeddings
 
 The ratio former / now per SAE sits beside its arithmetic bound from multiply-adds per token: a decoder layer's
 weights b (its parameters: one multiply-add each per token; attention's T-long products left out), N layers, and the
 unembedding's V x h, so former = 4 (N b + V h) and now = (N - L - 1) b + 2 V h. A sweep of K SAEs spends
-K former against once + K now.
+K former against once + K now (K = 1: one SAE alone).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from csc.activations.capture import decoder_layers
 from csc.activations.models import load_language_model, resolve_device
 from csc.config import ModelSpec, default_cache_dir
-from csc.pipeline.evaluate import _final_hidden, _log_probs, clean_runs, spliced_scores
+from csc.pipeline.evaluate import _final_hidden, _log_probs, clean_runs, splice_scores, spliced_scores
 from csc.sae.archs import build_sae
 from csc.sae.archs.relu import ReluConfig
 
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = {"former, per SAE": lambda: former_per_sae(model, sae, contexts, layer, a.batch, a.chunk),
             "now, once (clean_runs)": once,
-            "now, per SAE (spliced_scores)": lambda: spliced_scores(model, sae, kept["clean"], 1.0, a.chunk)}
+            "now, per SAE (spliced_scores)": lambda: spliced_scores(model, sae, kept["clean"], 1.0, a.chunk),
+            "now, one SAE alone (splice_scores)": lambda: splice_scores(model, sae, contexts, layer, 1.0, {2}, a.batch,
+                                                                        a.chunk)}
     best = {name: float("inf") for name in rows}
     for _ in range(a.rounds):
         for name, fn in rows.items():
@@ -130,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nper SAE, former / now: {per_sae:.2f}x (arithmetic bound {former / now:.2f}x: "
           f"{former / 1e6:.4g}M against {now / 1e6:.4g}M multiply-adds per token)")
     for k in (1, 8, 24):
-        total = best["now, once (clean_runs)"] + k * best["now, per SAE (spliced_scores)"]
-        print(f"a sweep of {k} SAEs: {k * best['former, per SAE']:.1f} s former, {total:.1f} s now "
+        total = best["now, one SAE alone (splice_scores)"] if k == 1 else \
+            best["now, once (clean_runs)"] + k * best["now, per SAE (spliced_scores)"]
+        print(f"{k} SAE{'s' if k > 1 else ''}: {k * best['former, per SAE']:.1f} s former, {total:.1f} s now "
               f"({k * best['former, per SAE'] / total:.2f}x)")
 
 

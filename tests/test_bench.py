@@ -43,10 +43,11 @@ def test_eval_cost_on_the_tiny_model(tmp_path):
     out = run("eval_cost.py", "--model", "tiny-gemma2", "--layer", "1", "--contexts", "4", "--context", "16",
               "--dict", "64", "--rounds", "2", cache=tmp_path)
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
-    assert rows == ["row", "former, per SAE", "now, once (clean_runs)", "now, per SAE (spliced_scores)"]
+    assert rows == ["row", "former, per SAE", "now, once (clean_runs)", "now, per SAE (spliced_scores)",
+                    "now, one SAE alone (splice_scores)"]
     # tiny Gemma 2: 4 layers of b = 37,120 weights, V h = 260 x 64; former 4 (4 b + V h), now (4 - 2) b + 2 V h
     assert "(arithmetic bound 6.14x: 0.6605M against 0.1075M multiply-adds per token)" in out
-    assert re.search(r"a sweep of 8 SAEs: [\d.]+ s former, [\d.]+ s now \([\d.]+x\)", out)
+    assert re.search(r"8 SAEs: [\d.]+ s former, [\d.]+ s now \([\d.]+x\)", out)
 
 
 def test_pairing_stats_on_the_tiny_model(tmp_path):

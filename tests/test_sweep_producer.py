@@ -8,6 +8,7 @@ import itertools
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -71,20 +72,22 @@ def test_concurrent_readers_share_one_lm_run_per_shard(cache):
 
 
 def test_evaluation_does_not_hold_up_shards_and_measures_every_sae_against_one_clean_run(cache):
-    p = producer(cache)
+    p = producer(cache, evaluators=2)
     gate = threading.Event()
-    p._eval.submit(gate.wait, 120)  # the evaluation thread is busy (a trial's SAE being measured, held here)
+    for _ in range(2):  # both evaluation threads busy (trials' SAEs being measured, held here)
+        p._eval.submit(gate.wait, 120)
     try:
         shard = p.shard("train", 1)  # made by the LM meanwhile
     finally:
         gate.set()
     spec = train_spec(cache)
     assert same_shard(shard, Activations(spec).shard("train", 1))
-    saes = [build_sae(sae_config("relu", 64, 32)) for _ in range(2)]
-    for sae in saes:
-        assert p.splice(sae.cfg.model_dump(), sae.state_dict()) == splice_run(spec, sae.eval(), Activations(spec))
+    saes = [build_sae(sae_config("relu", 64, 32)).eval() for _ in range(3)]
+    with ThreadPoolExecutor(3) as trials:  # measured two at a time, against the clean runs the first one makes
+        got = list(trials.map(lambda sae: p.splice(sae.cfg.model_dump(), sae.state_dict()), saes))
+    assert got == [splice_run(spec, sae, Activations(spec)) for sae in saes]
     st = p.stats()
-    assert st["evaluations"] == 2 and st["evaluation_seconds"] > st["clean_runs_seconds"] > 0
+    assert st["evaluations"] == 3 and st["evaluation_seconds"] > st["clean_runs_seconds"] > 0
     assert st["clean_runs_mb"] > 0
 
 

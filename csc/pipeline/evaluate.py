@@ -71,6 +71,7 @@ _SPLICE_TERMS = (("ce_clean", "clean", "ce", "csc"), ("ce_spliced", "spliced", "
                  ("kl_div_with_sae", "sb_spliced", "kl", "sb_kl"),
                  ("kl_div_with_ablation", "sb_ablated", "kl", "sb_kl"))
 _CLEAN_RUNS = ("clean", "ablated", "sb_ablated")
+_SAE_RUNS = ("spliced", "sb_spliced")
 
 
 @dataclass
@@ -124,85 +125,103 @@ def _per_token(model: nn.Module, hidden: dict[str, torch.Tensor], targets: torch
         yield sl, per_run
 
 
-def _accumulate(sums: dict[str, float], runs: Collection[str], masks: dict[str, torch.Tensor], sl: slice,
-                per_run: dict[str, dict[str, torch.Tensor]]) -> None:
-    for key, run, kind, tokens in _SPLICE_TERMS:
-        if run in runs:
-            sums[key] += (per_run[run][kind] * masks[tokens][sl]).sum().item()
+def _add(sums: dict[str, float], model: nn.Module, b: _CleanBatch, hidden: dict[str, torch.Tensor],
+         runs: Collection[str], chunk_tokens: int) -> None:
+    """Add batch b's per-token terms of `runs` to `sums`, from the final hidden states of its runs ("clean" among
+    them; SAEBench's spliced run is csc's where it is not given)."""
+    for sl, per_run in _per_token(model, hidden, _targets(b.ids), chunk_tokens):
+        if "spliced" in per_run:
+            per_run.setdefault("sb_spliced", per_run["spliced"])
+        for key, run, kind, tokens in _SPLICE_TERMS:
+            if run in runs:
+                sums[key] += (per_run[run][kind] * b.masks[tokens][sl]).sum().item()
+
+
+def _count(counts: dict[str, int], b: _CleanBatch) -> None:
+    for k, m in b.masks.items():
+        counts[k] += int(m.sum().item())
 
 
 def _targets(ids: torch.Tensor) -> torch.Tensor:
     return ids.roll(-1, dims=1).reshape(-1)  # ids[t + 1]; the last column is masked out
 
 
+def _clean_batch(model: nn.Module, ids: torch.Tensor, layer: int, special: torch.Tensor
+                 ) -> tuple[_CleanBatch, dict[str, torch.Tensor]]:
+    """One LM batch's runs without an SAE: the clean forward (its resid_post(L) kept) and both ablations from layer
+    L + 1 on; the batch, and the final hidden states [b * T, h] of the three runs."""
+    store: dict[str, torch.Tensor] = {}
+    handle = thread_hook(decoder_layers(model)[layer], lambda _m, _a, out: store.__setitem__("resid", out))
+    try:
+        clean = _final_hidden(model, ids, layer)
+    finally:
+        handle.remove()
+    resid = store["resid"]
+    if not isinstance(resid, torch.Tensor):
+        raise CscError(f"decoder layer {layer} returned {type(resid).__name__}, not a tensor: csc's evaluation "
+                       f"needs transformers 5's decoder layers")
+    bos = torch.zeros_like(ids, dtype=torch.bool)
+    bos[:, 0] = True
+    in_s = torch.isin(ids, special)
+    predicts = torch.ones_like(bos)
+    predicts[:, -1] = False  # the last token has no next token
+    masks = {k: m.reshape(-1).float() for k, m in {"csc": predicts, "sb_ce": predicts & ~in_s, "sb_kl": ~in_s}.items()}
+    zeros = torch.zeros_like(resid)
+    ablated = {"ablated": torch.where(bos[..., None], resid, zeros), "sb_ablated": zeros}
+    hidden = {"clean": clean, **{name: run_from_layer(model, ids, layer, x) for name, x in ablated.items()}}
+    hidden = {name: h.reshape(-1, h.shape[-1]) for name, h in hidden.items()}
+    return _CleanBatch(ids, resid, hidden["clean"], bos, in_s, masks), hidden
+
+
+def _spliced_hidden(model: nn.Module, sae: SparseAutoencoder, b: _CleanBatch, layer: int,
+                    scale: float) -> dict[str, torch.Tensor]:
+    """The final hidden states [b * T, h] of batch b's runs with `sae` spliced in, from layer L + 1 on: "spliced",
+    and "sb_spliced" where SAEBench's special tokens are more than BOS."""
+    device, dtype = b.resid.device, b.resid.dtype
+    x = b.resid
+    x_hat = (sae(x.reshape(-1, x.shape[-1]).to(sae.W_dec.device, torch.float32) * scale).x_hat / scale
+             ).to(device, dtype).reshape(x.shape)
+    keep = {"spliced": b.bos}
+    if not torch.equal(b.in_s, b.bos):  # else SAEBench's spliced run is csc's: one LM pass fewer
+        keep["sb_spliced"] = b.in_s
+    return {name: run_from_layer(model, b.ids, layer, torch.where(k[..., None], x, x_hat)).reshape(b.hidden.shape)
+            for name, k in keep.items()}
+
+
 @torch.inference_mode()
 def clean_runs(model: nn.Module, contexts: torch.Tensor, layer: int, special_ids: Collection[int],
                lm_batch_size: int = 8, chunk_tokens: int = 128) -> CleanRuns:
-    """The runs without an SAE over `contexts` [n, T] (BOS first), `lm_batch_size` contexts per LM batch: one full
-    clean forward per batch (its resid_post(L) kept), both ablations from layer L on (splice_scores' docstring)."""
-    device = next(model.parameters()).device
-    special = torch.tensor(sorted(special_ids), device=device)
+    """The runs without an SAE over `contexts` [n, T] (BOS first), `lm_batch_size` contexts per LM batch
+    (splice_scores' docstring), kept for `spliced_scores`."""
+    special = torch.tensor(sorted(special_ids), device=next(model.parameters()).device)
     batches, sums = [], {key: 0.0 for key, run, *_ in _SPLICE_TERMS if run in _CLEAN_RUNS}
     counts = {"csc": 0, "sb_ce": 0, "sb_kl": 0}
     for ids in contexts.split(lm_batch_size):
-        ids = ids.to(device)
-        store: dict[str, torch.Tensor] = {}
-        handle = thread_hook(decoder_layers(model)[layer], lambda _m, _a, out: store.__setitem__("resid", out))
-        try:
-            clean = _final_hidden(model, ids, layer)
-        finally:
-            handle.remove()
-        resid = store["resid"]
-        if not isinstance(resid, torch.Tensor):
-            raise CscError(f"decoder layer {layer} returned {type(resid).__name__}, not a tensor: csc's evaluation "
-                           f"needs transformers 5's decoder layers")
-        bos = torch.zeros_like(ids, dtype=torch.bool)
-        bos[:, 0] = True
-        in_s = torch.isin(ids, special)
-        predicts = torch.ones_like(bos)
-        predicts[:, -1] = False  # the last token has no next token
-        masks = {k: m.reshape(-1).float() for k, m in
-                 {"csc": predicts, "sb_ce": predicts & ~in_s, "sb_kl": ~in_s}.items()}
-        zeros = torch.zeros_like(resid)
-        ablated = {"ablated": torch.where(bos[..., None], resid, zeros), "sb_ablated": zeros}
-        hidden = {"clean": clean, **{name: run_from_layer(model, ids, layer, x) for name, x in ablated.items()}}
-        hidden = {name: h.reshape(-1, h.shape[-1]) for name, h in hidden.items()}
-        for sl, per_run in _per_token(model, hidden, _targets(ids), chunk_tokens):
-            _accumulate(sums, _CLEAN_RUNS, masks, sl, per_run)
-        for k, m in masks.items():
-            counts[k] += int(m.sum().item())
-        batches.append(_CleanBatch(ids, resid, hidden["clean"], bos, in_s, masks))
+        b, hidden = _clean_batch(model, ids.to(special.device), layer, special)
+        _add(sums, model, b, hidden, _CLEAN_RUNS, chunk_tokens)
+        _count(counts, b)
+        batches.append(b)
     return CleanRuns(layer, batches, sums, counts)
 
 
 @torch.inference_mode()
 def spliced_scores(model: nn.Module, sae: SparseAutoencoder, clean: CleanRuns, scale: float,
                    chunk_tokens: int = 128) -> dict[str, float]:
-    """splice_scores' figures for `sae` over the contexts of `clean`: the spliced runs resume from the clean
-    resid_post(L) (csc.activations.capture.run_from_layer), so each gives what a full forward gives, bit for bit."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    sae_device = sae.W_dec.device
+    """splice_scores' figures for `sae` over the contexts of `clean`, bit for bit: each spliced run resumes from the
+    clean resid_post(L) (csc.activations.capture.run_from_layer), which gives what a full forward gives."""
     sums = {**clean.sums, **{key: 0.0 for key, run, *_ in _SPLICE_TERMS if run not in _CLEAN_RUNS}}
     for b in clean.batches:
-        x = b.resid
-        x_hat = (sae(x.reshape(-1, x.shape[-1]).to(sae_device, torch.float32) * scale).x_hat / scale
-                 ).to(device, dtype).reshape(x.shape)
-        keep = {"spliced": b.bos}
-        if not torch.equal(b.in_s, b.bos):  # else SAEBench's spliced run is csc's: one LM pass fewer
-            keep["sb_spliced"] = b.in_s
-        hidden = {"clean": b.hidden}
-        for name, k in keep.items():
-            hidden[name] = run_from_layer(model, b.ids, clean.layer, torch.where(k[..., None], x, x_hat)
-                                          ).reshape(b.hidden.shape)
-        for sl, per_run in _per_token(model, hidden, _targets(b.ids), chunk_tokens):
-            per_run.setdefault("sb_spliced", per_run["spliced"])
-            _accumulate(sums, ("spliced", "sb_spliced"), b.masks, sl, per_run)
-    mean = {key: sums[key] / clean.counts[tokens] for key, _, _, tokens in _SPLICE_TERMS}
+        hidden = {"clean": b.hidden, **_spliced_hidden(model, sae, b, clean.layer, scale)}
+        _add(sums, model, b, hidden, _SAE_RUNS, chunk_tokens)
+    return _figures(sums, clean.counts)
+
+
+def _figures(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    mean = {key: sums[key] / counts[tokens] for key, _, _, tokens in _SPLICE_TERMS}
     return {"ce_clean": mean["ce_clean"], "ce_spliced": mean["ce_spliced"], "ce_ablated": mean["ce_ablated"],
             "ce_loss_recovered": metrics.ce_loss_recovered(mean["ce_clean"], mean["ce_spliced"], mean["ce_ablated"]),
             "delta_ce": mean["ce_spliced"] - mean["ce_clean"], "kl_spliced": mean["kl_spliced"],
-            "kl_ablated": mean["kl_ablated"], "ce_tokens": float(clean.counts["csc"]),
+            "kl_ablated": mean["kl_ablated"], "ce_tokens": float(counts["csc"]),
             "ce_loss_score": metrics.ce_loss_recovered(mean["ce_loss_without_sae"], mean["ce_loss_with_sae"],
                                                        mean["ce_loss_with_ablation"]),
             "ce_loss_with_sae": mean["ce_loss_with_sae"], "ce_loss_without_sae": mean["ce_loss_without_sae"],
@@ -211,6 +230,7 @@ def spliced_scores(model: nn.Module, sae: SparseAutoencoder, clean: CleanRuns, s
             "kl_div_with_sae": mean["kl_div_with_sae"], "kl_div_with_ablation": mean["kl_div_with_ablation"]}
 
 
+@torch.inference_mode()
 def splice_scores(model: nn.Module, sae: SparseAutoencoder, contexts: torch.Tensor, layer: int, scale: float,
                   special_ids: Collection[int], lm_batch_size: int = 8, chunk_tokens: int = 128) -> dict[str, float]:
     """CE clean / spliced / zero-ablated, CE loss recovered, delta CE = CE_spliced - CE_clean (nats) and mean
@@ -239,9 +259,18 @@ def splice_scores(model: nn.Module, sae: SparseAutoencoder, contexts: torch.Tens
         kl_div_score      (kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation
 
     Every mean is over tokens pooled across all contexts, as SAEBench's torch.cat(...).mean() over its batches.
-    One SAE's measurement: clean_runs, then spliced_scores (a sweep keeps the first for every trial)."""
-    return spliced_scores(model, sae, clean_runs(model, contexts, layer, special_ids, lm_batch_size, chunk_tokens),
-                          scale, chunk_tokens)
+
+    One SAE alone: every run of a batch, the clean run's log-probabilities formed once for all of them. A sweep
+    measures each SAE against runs without an SAE made once (clean_runs, then spliced_scores): the same figures."""
+    special = torch.tensor(sorted(special_ids), device=next(model.parameters()).device)
+    sums = {key: 0.0 for key, *_ in _SPLICE_TERMS}
+    counts = {"csc": 0, "sb_ce": 0, "sb_kl": 0}
+    for ids in contexts.split(lm_batch_size):
+        b, hidden = _clean_batch(model, ids.to(special.device), layer, special)
+        hidden.update(_spliced_hidden(model, sae, b, layer, scale))
+        _add(sums, model, b, hidden, _CLEAN_RUNS + _SAE_RUNS, chunk_tokens)
+        _count(counts, b)
+    return _figures(sums, counts)
 
 
 @torch.no_grad()

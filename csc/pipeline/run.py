@@ -30,7 +30,8 @@ from csc.errors import CscError, InputError
 from csc.pipeline import dashboard, plots
 from csc.pipeline.absorption import ABSORPTION_METRICS, AbsorptionSet, absorption_scores, absorption_set
 from csc.pipeline.evaluate import (SAEBENCH_BATCH_PROMPTS, CleanRuns, clean_runs, locality_scores,
-                                   reconstruction_scores, saebench_sparsity_scores, special_token_ids, spliced_scores)
+                                   reconstruction_scores, saebench_sparsity_scores, special_token_ids, splice_scores,
+                                   spliced_scores)
 from csc.pipeline.probing import PROBING_METRICS, held_out_labels, probing_scores
 from csc.sae.batch import ActivationBatch
 from csc.sae.checkpoint import load_checkpoint, save_checkpoint
@@ -203,26 +204,33 @@ def held_out_scores(spec: TrainRunSpec, sae: SparseAutoencoder, acts: ShardSourc
     return results, hist
 
 
+def _ce_contexts(spec: TrainRunSpec, acts: Activations) -> torch.Tensor:
+    """The first `eval.ce_contexts` held-out contexts [n, T], which CE and KL are measured over."""
+    S = spec.activations.contexts_per_shard
+    n_ctx = min(spec.eval.ce_contexts, acts.n_shards["eval"] * S)
+    return torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
+
+
 def clean_runs_of(spec: TrainRunSpec, acts: Activations) -> CleanRuns:
     """The CE/KL evaluation's runs without an SAE over the first `eval.ce_contexts` held-out contexts."""
     e = spec.eval
-    S = spec.activations.contexts_per_shard
-    n_ctx = min(e.ce_contexts, acts.n_shards["eval"] * S)
-    contexts = torch.cat([acts.shard("eval", i).tokens for i in range(-(-n_ctx // S))])[:n_ctx]
-    return clean_runs(acts.lm.model, contexts, spec.activations.layer, special_token_ids(acts.lm),
+    return clean_runs(acts.lm.model, _ce_contexts(spec, acts), spec.activations.layer, special_token_ids(acts.lm),
                       lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens)
 
 
 def splice_run(spec: TrainRunSpec, sae: SparseAutoencoder, acts: Activations,
                clean: CleanRuns | None = None) -> dict[str, float]:
     """What needs the LM or its tokenizer: CE/KL with `sae` spliced into the LM over the first `eval.ce_contexts`
-    held-out contexts (csc's and SAEBench's; `clean`: clean_runs_of(spec, acts), made here when not given), and
-    SAEBench's sparsity and legacy variance figures over every held-out context (they drop the tokenizer's
-    BOS/EOS/PAD tokens)."""
-    results = spliced_scores(acts.lm.model, sae, clean if clean is not None else clean_runs_of(spec, acts),
-                             acts.scale, spec.eval.chunk_tokens)
-    results.update(saebench_sparsity_scores(sae, _held_out_contexts(acts, SAEBENCH_BATCH_PROMPTS),
-                                            special_token_ids(acts.lm)))
+    held-out contexts (csc's and SAEBench's; against `clean`, clean_runs_of(spec, acts), where a sweep keeps it,
+    else in one pass), and SAEBench's sparsity and legacy variance figures over every held-out context (they drop
+    the tokenizer's BOS/EOS/PAD tokens)."""
+    e, special = spec.eval, special_token_ids(acts.lm)
+    if clean is not None:
+        results = spliced_scores(acts.lm.model, sae, clean, acts.scale, e.chunk_tokens)
+    else:
+        results = splice_scores(acts.lm.model, sae, _ce_contexts(spec, acts), spec.activations.layer, acts.scale,
+                                special, lm_batch_size=e.lm_batch_size, chunk_tokens=e.chunk_tokens)
+    results.update(saebench_sparsity_scores(sae, _held_out_contexts(acts, SAEBENCH_BATCH_PROMPTS), special))
     return results
 
 

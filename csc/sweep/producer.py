@@ -11,7 +11,8 @@ set (the tokenizer's one job), feature absorption's LM part (its prompts' activa
 and the CE/KL evaluation's runs without an SAE (csc.pipeline.evaluate.CleanRuns). Replica 0 also measures each
 trial's SAE by CE/KL and makes its dashboard's logit tables and token strings. The shards that this work reads and
 another replica owns come from their owner. A replica's shard production runs on one thread (`lm`) and the
-evaluation on another (`eval`), so measuring a trial's SAE does not hold up the shards the other trials wait for;
+evaluation on others (`eval`, `evaluators` of them: trials measured at once), so measuring a trial's SAE does not
+hold up the shards the other trials wait for;
 the two threads share the model, whose hooks and skipped layers are per thread (csc.activations.capture). Besides
 the spec's shards, the pool serves the held-out shards that the probing set reads.
 
@@ -122,7 +123,7 @@ class ActivationProducer:
     shards it does not own need Ray."""
 
     def __init__(self, spec_json: str, memory_mb: float, prefetch: int, store: Store = "disk", replica: int = 0,
-                 replicas: int = 1, sweep: str = ""):
+                 replicas: int = 1, sweep: str = "", evaluators: int = 1):
         self.spec = TrainRunSpec.model_validate_json(spec_json)
         self.replica, self.replicas, self.sweep = replica, replicas, sweep
         self.acts = _ReplicaActivations(self.spec, store, self._read)
@@ -130,7 +131,8 @@ class ActivationProducer:
         self.prefetch = prefetch
         self._lm = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm")
         self._lm_thread = self._lm.submit(threading.current_thread).result()
-        self._eval = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval")
+        self._eval = ThreadPoolExecutor(max_workers=evaluators, thread_name_prefix="eval")
+        self._clean_lock = threading.Lock()  # the first evaluation makes the clean runs; the others wait for them
         self._lock = threading.RLock()  # re-entered when a future is already done as its callback is added
         self._memory: OrderedDict[tuple[Split, int], Shard] = OrderedDict()
         self._held = 0
@@ -286,8 +288,9 @@ class ActivationProducer:
         return self._eval.submit(self._timed, "evaluation_seconds", self._splice, sae).result()
 
     def _splice(self, sae: SparseAutoencoder) -> dict[str, float]:
-        if self._clean is None:
-            self._clean = self._timed("clean_runs_seconds", clean_runs_of, self.spec, self.acts)
+        with self._clean_lock:
+            if self._clean is None:
+                self._clean = self._timed("clean_runs_seconds", clean_runs_of, self.spec, self.acts)
         return splice_run(self.spec, sae, self.acts, self._clean)
 
     def _timed(self, counter: str, fn: Callable[..., Any], *args) -> Any:
@@ -341,16 +344,16 @@ def _restarted_actor() -> bool:
 
 def start_producer(spec: TrainRunSpec, sweep: str, *, cpus: float, gpus: float, memory_mb: float, prefetch: int,
                    max_restarts: int, custom: dict[str, float] | None = None, store: Store = "disk",
-                   replica: int = 0, replicas: int = 1):
+                   replica: int = 0, replicas: int = 1, evaluators: int = 1):
     """Create replica `replica` of the sweep's pool of `replicas` (or attach to a live one of the same name); one
-    replica alone is the whole pool."""
+    replica alone is the whole pool. `evaluators`: the evaluation threads of replica 0 (ProducerSpec.evaluators)."""
     actor_cls = ray.remote(ActivationProducer)
     return actor_cls.options(
         name=producer_name(sweep, replica), namespace=NAMESPACE, get_if_exists=True, num_cpus=cpus, num_gpus=gpus,
         resources=custom or None,
         max_restarts=max_restarts, max_task_retries=-1,  # calls in flight when it dies are retried on the restart
         max_concurrency=16,  # trials wait on shards in parallel; LM work is serialised inside
-    ).remote(spec.model_dump_json(), memory_mb, prefetch, store, replica, replicas, sweep)
+    ).remote(spec.model_dump_json(), memory_mb, prefetch, store, replica, replicas, sweep, evaluators)
 
 
 def start_pool(spec: TrainRunSpec, sweep: str, *, replicas: int, **kwargs) -> list:

@@ -99,7 +99,7 @@ def _start(spec: SweepSpec, name: str, sweep_dir: Path, spec_json: str, ids: dic
     res, p = spec.sweep.resources, spec.sweep.producer
     producers = start_pool(spec.trial({}), name, replicas=p.replicas, store=p.store, cpus=res.producer_cpus,
                            gpus=res.producer_gpus, memory_mb=p.memory_mb, prefetch=p.prefetch,
-                           max_restarts=p.max_restarts, custom=res.producer_custom)
+                           max_restarts=p.max_restarts, custom=res.producer_custom, evaluators=p.evaluators)
     producer = producers[0]  # replica 0 makes what is made once
     try:
         ray.get([a.info.remote() for a in producers])
@@ -221,6 +221,7 @@ def dry_run(spec: SweepSpec, name: str, out: Path, *, resume: bool = False, addr
                  + f"; {pr.replicas} producer(s), each {r.producer_cpus:g} CPU, {r.producer_gpus:g} GPU"
                  + (f", {r.producer_custom}" if r.producer_custom else "") + f", store {pr.store}"
                  + (f" ({pr.memory_mb:g} MB each)" if pr.store == "memory" else "")
+                 + f", {pr.evaluators} evaluation thread{'s' if pr.evaluators > 1 else ''}"
                  + (f"; on the Ray cluster at {address}" if address else "; on a local Ray"))
     lines.append(f"tokens: {t.steps} steps x {t.batch_size} = {t.steps * t.batch_size:,} trained tokens per trial, "
                  f"{t.steps * t.batch_size * spec.n_trials:,} in all")

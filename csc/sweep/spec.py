@@ -251,6 +251,10 @@ class ProducerSpec(Spec):
     """Shards each replica computes ahead of the furthest one asked of it (the next ones it owns)."""
     max_restarts: int = Field(3, ge=0)
     """Times Ray restarts a replica if its process dies; trials' calls are retried meanwhile."""
+    evaluators: int = Field(1, ge=1)
+    """Threads of replica 0 that measure trials' SAEs with the LM (CE/KL, the dashboard's logit tables) at once,
+    beside its shard production, on the replica's resources. More than one helps when trials wait on each other's
+    evaluation while cores (or the GPU) have room; each evaluation runs the LM's torch threads."""
 
 
 class TrackingSpec(Spec):
