@@ -2,7 +2,7 @@
 line per setting (architecture, gamma, tau, pairing), mean and spread over seeds.
 
     csc sweep sweeps/embedded-scale.yaml            # and its smaller budgets, and embedded-scale-contrastive.yaml
-    python bench/scale_study.py runs/sweeps/embedded-scale* [--plot bench/scale_study.png]
+    python bench/scale_study.py runs/sweeps/embedded-scale runs/sweeps/embedded-scale-82k ... [--plot bench/scale_study.png]
 
 Reads each sweep's trials.json and spec (bench/contrastive_grid.py's `load`). A trial's budget is the anchors it trained
 on (trainer.steps x trainer.batch_size). Prints, per setting and budget, the mean ± sample standard deviation over
@@ -53,13 +53,19 @@ def collect(dirs: list[Path]) -> dict[tuple, dict[int, dict[int, dict[str, Any]]
     """setting -> budget -> seed -> metrics (with the trial's yardstick, its tau and pairing, under "yardstick"); a
     gamma = 0 trial's tau and pairing are not part of its setting (they change nothing it learns)."""
     out: dict[tuple, dict[int, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    origin: dict[tuple, Path] = {}
     for d in dirs:
         for setting, metrics, _ in load(d):
             key = tuple(setting.get(k) for k in SETTING)
             yardstick = key[2:]
             if not key[1]:
                 key = (key[0], 0.0, None, None)
-            out[key][budget(setting)][int(setting["trainer.seed"])] = {**metrics, "yardstick": yardstick}
+            cell = (key, budget(setting), int(setting["trainer.seed"]))
+            if cell in origin:  # e.g. a variant sweep of the same setting (another recipe) given beside it
+                raise SystemExit(f"{origin[cell]} and {d} both hold {name(key)} at {cell[1]:,} tokens, seed {cell[2]}: "
+                                 f"give the sweeps of one study only")
+            origin[cell] = d
+            out[key][cell[1]][cell[2]] = {**metrics, "yardstick": yardstick}
     return out
 
 

@@ -191,6 +191,10 @@ def test_scale_study_lines_up_budgets_and_pairs_each_trial_with_its_twin(tmp_pat
     assert cells[3:5] == ["3", "0.310 ± 0.010"]  # 0.3 + 0.01 * seed per pair
     assert cells[8] == "-"  # held-out InfoNCE: the twins were measured with the paper's pairs, this trial with previous
     assert png.stat().st_size > 10_000
+    # A sweep given twice (or a variant of the same setting beside it) would overwrite seeds silently: refused
+    out = subprocess.run([sys.executable, str(BENCH / "scale_study.py"), dirs[0], dirs[0]], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "both hold relu at" in out.stderr and "seed 0" in out.stderr
 
 
 def test_saebench_crosscheck_runs_its_help_and_table_without_saebench():
