@@ -267,12 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(dict.fromkeys(a.seeds))
     if len(seeds) < 2:
         p.error("--seeds: give at least 2 distinct probe seeds (a spread needs 2)")
-    torch.set_grad_enabled(False)
     paired = f" --paired {' '.join(map(str, a.paired))}" if a.paired else ""
     print(f"$ python bench/absorption_seeds.py {' '.join(map(str, a.twins))}{paired} "
           f"--seeds {' '.join(map(str, seeds))}\n")
-    saes = load(a.twins, a.paired)
-    print("\n".join(measure(saes, seeds)) + "\n")
+    with torch.no_grad():  # a context, not the global switch: the tests run main() in their own process
+        saes = load(a.twins, a.paired)
+        print("\n".join(measure(saes, seeds)) + "\n")
     pairs = pairs_of(saes)
     for figure in FIGURES:
         table(f"{figure} per SAE", ["SAE", "trainer.seed", "arm"], seeds,

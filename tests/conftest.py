@@ -11,6 +11,17 @@ from csc.sae.config import parse_sae_config
 from csc.sae.model import BaseSaeConfig
 from csc.sae.trainer import Hook, Trainer
 
+
+@pytest.fixture(autouse=True)
+def autograd_left_on():
+    """A test that switches autograd off for the whole process (torch.set_grad_enabled(False), e.g. a bench's main()
+    run in-process) would break every later test that trains: it fails itself instead."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left autograd switched off for the process (use torch.no_grad() as a context)")
+
+
 # The tests never reach the Hub: fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

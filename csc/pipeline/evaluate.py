@@ -95,7 +95,7 @@ class CleanRuns:
     """What splice_scores needs that no SAE changes, for one set of contexts: the clean run's resid_post(L) and
     final hidden states of each LM batch, and the sums and token counts of every figure without an SAE (clean CE
     and both ablations' CE and KL). A sweep makes it once and measures each trial's SAE against it
-    (`spliced_scores`): per SAE, one run from layer L on and two unembeddings per token instead of four full
+    (`spliced_scores`): per SAE, one run from layer L + 1 on and two unembeddings per token instead of four full
     forwards and four unembeddings."""
     layer: int
     batches: list[_CleanBatch]

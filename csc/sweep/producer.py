@@ -12,9 +12,9 @@ and the CE/KL evaluation's runs without an SAE (csc.pipeline.evaluate.CleanRuns)
 trial's SAE by CE/KL and makes its dashboard's logit tables and token strings. The shards that this work reads and
 another replica owns come from their owner. A replica's shard production runs on one thread (`lm`) and the
 evaluation on others (`eval`, `evaluators` of them: trials measured at once), so measuring a trial's SAE does not
-hold up the shards the other trials wait for;
-the two threads share the model, whose hooks and skipped layers are per thread (csc.activations.capture). Besides
-the spec's shards, the pool serves the held-out shards that the probing set reads.
+hold up the shards the other trials wait for; the threads share the model, whose hooks and skipped layers are per
+thread (csc.activations.capture). Besides the spec's shards, the pool serves the held-out shards that the probing
+set reads.
 
 Memory: each replica holds at most `memory_mb` of shards. Readers (trials) name themselves in their requests; a
 shard that every live reader has asked for in its current pass is spent. When the bound is reached, spent shards
@@ -144,7 +144,7 @@ class ActivationProducer:
         self._once: dict[str, Future] = {}  # what is made once for every trial, by name
         self.counts = {"requests": 0, "memory_hits": 0, "waited_on_pending": 0, "evaluations": 0,
                        "evaluation_seconds": 0.0, "clean_runs_seconds": 0.0, "lm_shards_recomputed": 0, "evicted": 0}
-        self._clean: CleanRuns | None = None  # made by the first evaluation, on the evaluation thread
+        self._clean: CleanRuns | None = None  # made by the first evaluation
         self._restarted = _restarted_actor()
 
     def info(self) -> dict[str, Any]:
@@ -280,7 +280,7 @@ class ActivationProducer:
             self.counts["evicted"] += 1
 
     def splice(self, sae_cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, float]:
-        """CE/KL on held-out contexts with a trial's SAE spliced into the LM, on the evaluation thread, against the
+        """CE/KL on held-out contexts with a trial's SAE spliced into the LM, on an evaluation thread, against the
         runs without an SAE that the first call makes."""
         sae = build_sae(parse_sae_config(sae_cfg)).load_tensors(state, "a trial's SAE").eval()
         with self._lock:  # trials call in parallel (max_concurrency)
@@ -312,7 +312,8 @@ class ActivationProducer:
             memory_hits           those answered from memory
             waited_on_pending     those that found their shard being made and waited for it
             evaluations           CE/KL evaluations of a trial's SAE
-            evaluation_seconds    the seconds they took on the evaluation thread, clean_runs_seconds among them
+            evaluation_seconds    the seconds they took on the evaluation threads (summed over the threads),
+                                  clean_runs_seconds among them
             clean_runs_seconds    the seconds the runs without an SAE took (once)
             clean_runs_mb         the memory those runs hold (csc.pipeline.evaluate.CleanRuns)
             lm_shards_computed    LM runs, one per shard made (the rest were read from the disk cache)
@@ -352,7 +353,7 @@ def start_producer(spec: TrainRunSpec, sweep: str, *, cpus: float, gpus: float, 
         name=producer_name(sweep, replica), namespace=NAMESPACE, get_if_exists=True, num_cpus=cpus, num_gpus=gpus,
         resources=custom or None,
         max_restarts=max_restarts, max_task_retries=-1,  # calls in flight when it dies are retried on the restart
-        max_concurrency=16,  # trials wait on shards in parallel; LM work is serialised inside
+        max_concurrency=16,  # trials wait on shards in parallel; shard production is serialised inside
     ).remote(spec.model_dump_json(), memory_mb, prefetch, store, replica, replicas, sweep, evaluators)
 
 

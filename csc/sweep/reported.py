@@ -55,7 +55,7 @@ TIME_PREFIX = "time/"
 WALL_TIME: tuple[tuple[str, str], ...] = (
     ("startup", "start-up (the trainer, the producer's first answer, the rung slice)"),
     ("train", "training"), ("shard_wait", "waiting for shards, within training"),
-    ("eval_held_out", "held-out figures"), ("eval_ce_kl", "CE/KL (the producer's evaluation thread)"),
+    ("eval_held_out", "held-out figures"), ("eval_ce_kl", "CE/KL (in the producer, its queue included)"),
     ("eval_probing", "sparse probing"), ("eval_absorption", "feature absorption"), ("dashboard", "dashboard"))
 """Where a trial's wall time went, in seconds, in its final report under time/ (the sweep's summary adds them up
 over the trials): the phases in order; waiting for shards is part of training."""
